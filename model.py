@@ -1,0 +1,146 @@
+"""
+A compact GPT: pre-LayerNorm blocks, causal self-attention through
+F.scaled_dot_product_attention, learned positions, output head tied to the token
+embedding. Batched sampling with a KV cache for rollouts and evaluation.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 32     # longest sequence: teacher prompt + response
+    vocab_size: int = 258    # set from the tokenizer
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x, cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, nh, pos + T, hs): every earlier position, then these
+        # a whole sequence (or a prefill) is causal; one new query may see every cached key
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
+                                 nn.Linear(4 * config.n_embd, config.n_embd))
+
+    def forward(self, x, cache=None):
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class LayerCache:
+    """Keys and values of one layer, allocated at the first update for max_len positions
+    (in the dtype the layer computes in, which autocast may lower)."""
+
+    def __init__(self, max_len):
+        self.k = self.v = None  # (B, nh, max_len, hs) each, once allocated
+        self.pos, self.max_len = 0, max_len
+
+    def update(self, k, v):
+        B, nh, T, hs = k.shape
+        if self.k is None:
+            self.k, self.v = (k.new_zeros(B, nh, self.max_len, hs) for _ in range(2))
+        self.k[:, :, self.pos:self.pos + T] = k
+        self.v[:, :, self.pos:self.pos + T] = v
+        self.pos += T
+        return self.k[:, :, :self.pos], self.v[:, :, :self.pos]
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith("c_proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def lm_head_weight(self):
+        return self.wte.weight  # tied: logits = hidden @ wte.weight.T
+
+    def hidden(self, idx, caches=None):
+        """Final hidden states (B, T, C) of token ids idx (B, T); with caches, idx continues them."""
+        pos0 = caches[0].pos if caches is not None else 0
+        T = idx.size(1)
+        assert pos0 + T <= self.config.block_size, f"sequence of {pos0 + T} > block_size {self.config.block_size}"
+        pos = torch.arange(pos0, pos0 + T, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None)
+        return self.ln_f(x)
+
+    def forward(self, idx):
+        """Logits (B, T, V) for token ids idx (B, T)."""
+        return self.hidden(idx) @ self.lm_head_weight.T
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, eot, num_samples=1, temperature=1.0, generator=None):
+        """Sample continuations of equal-length prompts (B, Tp) with a KV cache.
+
+        Each prompt is prefilled once and its cache shared by its num_samples samples, which
+        come out as consecutive rows. temperature 0 means greedy. A row stops at its first
+        eot; later positions hold eot and are masked out. Decoding stops when every row has
+        ended, so the output may be shorter than max_new_tokens.
+
+        Returns tokens (B * num_samples, Tr) and mask (B * num_samples, Tr), mask 1 for the
+        generated tokens up to and including each row's first eot.
+        """
+        B, Tp = prompts.shape
+        caches = [LayerCache(Tp + max_new_tokens) for _ in self.blocks]
+        h = self.hidden(prompts, caches)[:, -1:]  # (B, 1, C): the head only on the last position
+        for c in caches:  # share each prompt's keys and values among its samples
+            c.k, c.v = c.k.repeat_interleave(num_samples, 0), c.v.repeat_interleave(num_samples, 0)
+        h = h.repeat_interleave(num_samples, 0)  # (B*G, 1, C)
+        done = torch.zeros(B * num_samples, dtype=torch.bool, device=prompts.device)
+        tokens, mask = [], []
+        for t in range(max_new_tokens):
+            logits = (h[:, -1] @ self.lm_head_weight.T).float()  # (B*G, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                probs = F.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = torch.where(done, torch.full_like(nxt, eot), nxt)
+            tokens.append(nxt)
+            mask.append(~done)
+            done = done | (nxt == eot)
+            if done.all() or t == max_new_tokens - 1:
+                break
+            h = self.hidden(nxt[:, None], caches)
+        return torch.stack(tokens, 1), torch.stack(mask, 1).float()

@@ -1,0 +1,515 @@
+"""
+Self-Distilled Policy Gradient (SDPG, arXiv 2606.04036) in one file of plain PyTorch.
+
+One model pi_theta, two views of it: the student p_t = pi_theta(.|x, y_<t) sees the problem x;
+the teacher q_t = pi_theta(.|c, x, y_<t) also sees a privileged context c (the answer). Rollouts
+y ~ student. At RL step k the loss, a token-mean over all response tokens of the batch, is
+
+    L = L_out + beta(k) * L_OPD + alpha * L_ref
+    L_out  = max(-A r_t, -A clip(r_t, 1-eps_low, 1+eps_high)), capped at -A*c when A < 0
+             r_t = pi_theta(y_t) / pi_old(y_t),  A_i = (R_i - mean_G R) / (std_G R + eps)
+    L_OPD  = [A_i > 0] * sum_a p_t(a) (log p_t(a) - log SG q_t(a))   exact, every vocab entry
+    L_ref  = 0.5 * (log pi_theta(y_t) - log pi_ref(y_t))^2           (urkl; ufkl, rkl, fkl too)
+    beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay)
+
+Stage 1 (supervised warm start, standing in for pretraining) teaches both views; stage 2 is RL.
+
+Implementation choices, each deliberate:
+ 1. The teacher is the current model (same weights, extra context), recomputed without gradient
+    inside every mini-batch update, as the official code does: it moves with the student.
+ 2. The reference pi_ref is a frozen copy of the warm-start model. pi_old, the weights that
+    sampled the rollouts, gives the PPO ratio; the two are kept apart by name.
+ 3. Every term is a token-mean over the response tokens of the global mini-batch (all ranks),
+    including the gated OPD term: gated-out rollouts count in the denominator with zero loss.
+ 4. The temperature divides student and teacher logits alike, so both are distributions of the
+    same sampling policy (the official code divides only the student's). The official code also
+    clamps the per-token KL at 20 and keeps the teacher in bf16; here it is exact fp32. At the
+    default temperature 1 in fp32 these differences vanish.
+ 5. The gate defaults to on (--opd_gate positive, the paper's loss); --opd_gate all is the
+    official scripts' default. No DAPO dynamic sampling (the released code never reads it).
+ 6. kl_ref is logged with the k3 estimator exp(-log w) - 1 + log w >= 0 of KL(pi || pi_ref).
+
+Run:
+    python sdpg.py                                  # CPU or one GPU
+    torchrun --standalone --nproc_per_node=4 sdpg.py
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import tiktoken
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import (decode_response, encode_problems, eval_problems, get_encoding,
+                  reward, sample_problems)
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+# config: every default in one place; each is a flag of the same name
+
+parser = argparse.ArgumentParser(description="SDPG on a toy arithmetic task")
+# I/O
+parser.add_argument("--out_dir", type=str, default="out", help="sft.pt, ckpt.pt and log.jsonl go here")
+parser.add_argument("--resume", type=str, default="", help="continue RL from this ckpt.pt")
+parser.add_argument("--eval_every", type=int, default=50, help="RL steps between evaluations (0: start and end only)")
+parser.add_argument("--eval_size", type=int, default=1000, help="held-out problems per evaluation")
+parser.add_argument("--seed", type=int, default=0, help="seeds model init, data and sampling")
+parser.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
+parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+parser.add_argument("--digits", type=int, default=2, help="operand digits of the addition task (1 to 6)")
+parser.add_argument("--tokenizer", type=str, default="bytes", help="bytes (built in) or a tiktoken name such as gpt2")
+# model
+parser.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
+parser.add_argument("--n_head", type=int, default=4, help="attention heads")
+parser.add_argument("--n_embd", type=int, default=128, help="width")
+# stage 1: supervised warm start of both views
+parser.add_argument("--sft_steps", type=int, default=2000, help="most warm-start steps (0 skips the stage)")
+parser.add_argument("--sft_batch", type=int, default=64, help="problems per warm-start step, all ranks together")
+parser.add_argument("--sft_lr", type=float, default=1e-3, help="warm-start AdamW learning rate")
+parser.add_argument("--sft_hint_frac", type=float, default=0.5, help="fraction of warm-start problems shown with c")
+parser.add_argument("--sft_until", type=float, default=0.2, help="end the warm start once the student view solves this "
+                    "fraction of a validation set (0: run all --sft_steps)")
+# stage 2: RL
+parser.add_argument("--rl_steps", type=int, default=300, help="RL steps (rollout batches)")
+parser.add_argument("--algo", type=str, default="sdpg", choices=["sdpg", "grpo"], help="grpo: no distillation term")
+parser.add_argument("--prompts_per_step", type=int, default=32, help="prompts per rollout batch, all ranks together")
+parser.add_argument("--group_size", type=int, default=8, help="G, responses sampled per prompt")
+parser.add_argument("--num_minibatches", type=int, default=2, help="optimizer updates per rollout batch")
+parser.add_argument("--lr", type=float, default=1e-4, help="RL AdamW learning rate")
+parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (both stages)")
+parser.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0: off)")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+parser.add_argument("--max_new_tokens", type=int, default=8, help="longest response")
+parser.add_argument("--clip_low", type=float, default=0.2, help="eps_low of the PPO clip")
+parser.add_argument("--clip_high", type=float, default=0.28, help="eps_high (DAPO clip-higher)")
+parser.add_argument("--dual_clip", type=float, default=10.0, help="c of the dual clip for A < 0")
+parser.add_argument("--beta", type=float, default=0.05, help="weight of the self-distillation term")
+parser.add_argument("--beta_warmup", type=int, default=0, help="T_warm: steps of linear beta warm-up (0: off)")
+parser.add_argument("--beta_decay", type=int, default=0, help="T_decay: final steps of linear beta decay (0: off)")
+parser.add_argument("--opd_gate", type=str, default="positive", choices=["positive", "all"], help="distil on A>0 rollouts or all")
+parser.add_argument("--alpha", type=float, default=1e-3, help="weight of the reference penalty")
+parser.add_argument("--kl_mode", type=str, default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="form of the reference penalty")
+
+
+def die(msg):
+    """One clear line on stderr and a non-zero exit, no traceback."""
+    print(f"sdpg.py: error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+parser.error = die  # argparse's own errors (unknown flag, bad choice) become one line too
+
+
+def validate(args):
+    checks = [
+        (args.group_size >= 2, f"--group_size must be >= 2 (got {args.group_size}): advantages compare within a group"),
+        (args.sft_steps >= 0 and args.rl_steps >= 0, "--sft_steps and --rl_steps must be >= 0"),
+        (min(args.beta, args.alpha, args.weight_decay, args.grad_clip) >= 0, "--beta, --alpha, --weight_decay, --grad_clip must be >= 0"),
+        (args.lr > 0 and args.sft_lr > 0, "--lr and --sft_lr must be > 0"),
+        (args.beta_warmup >= 0 and args.beta_decay >= 0, "--beta_warmup and --beta_decay must be >= 0"),
+        (args.temperature > 0, "--temperature must be > 0 (rollouts are sampled)"),
+        (args.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
+        (0 <= args.clip_low < 1 and args.clip_high >= 0, "--clip_low must be in [0, 1) and --clip_high >= 0"),
+        (args.dual_clip > 1, "--dual_clip must be > 1"),
+        (0 <= args.sft_hint_frac <= 1, "--sft_hint_frac must be in [0, 1]"),
+        (args.eval_every >= 0 and 1 <= args.eval_size <= 100_000, "--eval_every must be >= 0 and --eval_size in [1, 100000]"),
+        (args.sft_batch >= 1 and args.prompts_per_step >= 1 and args.num_minibatches >= 1, "batch sizes must be >= 1"),
+        (min(args.n_layer, args.n_head, args.n_embd) >= 1 and args.n_embd % args.n_head == 0, "--n_embd must be a positive multiple of --n_head"),
+        (1 <= args.digits <= 6, "--digits must be in [1, 6]"),
+        (args.eval_size <= 10 ** (2 * args.digits) // 2, f"--eval_size must leave at least half of the "
+                                                         f"{10 ** (2 * args.digits)} problems for training"),
+        (not args.resume or os.path.isfile(args.resume), f"--resume {args.resume}: no such file"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            die(msg)
+    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+        die(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device {args.device}: CUDA is not available on this machine")
+
+
+# -----------------------------------------------------------------------------
+# the terms of the loss, each one function (tests import them)
+
+def group_advantages(rewards, group_size, eps=1e-6):
+    """A_i = (R_i - mean_G R) / (std_G R + eps), std as torch.std (unbiased).
+    rewards: (N*G,) with each group's G responses consecutive -> (N*G,).
+    A group whose rewards are all equal gets A = 0: it carries no signal."""
+    r = rewards.view(-1, group_size)  # (N, G)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def clipped_surrogate(logp, old_logp, adv, clip_low=0.2, clip_high=0.28, dual_clip=10.0):
+    """Per-token DAPO loss l_t = max(-A r_t, -A clip(r_t, 1-clip_low, 1+clip_high)),
+    and for A < 0 the dual clip l_t = min(l_t, -A * dual_clip); r_t = exp(logp - old_logp).
+    logp, old_logp: (B, T); adv broadcasts to (B, T).
+    Returns the loss (B, T) and a bool (B, T), True where a clip is active (zero gradient)."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    capped = (adv < 0) & (loss > -adv * dual_clip)
+    loss = torch.where(capped, -adv * dual_clip, loss)
+    return loss, (clipped > unclipped) | capped
+
+
+def full_vocab_reverse_kl(student_logits, teacher_logits):
+    """KL(p || SG q) = sum_a p(a) (log p(a) - log q(a)) over every vocabulary entry a,
+    p = softmax(student_logits), q = softmax(teacher_logits) held constant (no gradient).
+    (..., V), (..., V) -> (...). Computed in fp32 at least. d/dz_student = p (log p - log q - KL)."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    logp = F.log_softmax(student_logits.to(dtype), dim=-1)
+    logq = F.log_softmax(teacher_logits.detach().to(dtype), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def ref_penalty(logp, ref_logp, mode):
+    """Reference anchor on sampled tokens, log w = log pi_theta(y_t) - log pi_ref(y_t):
+    urkl 0.5 (log w)^2 | ufkl pi_ref/pi_theta + log w | rkl 0.5 (log w + 1)^2 | fkl pi_ref/pi_theta.
+    (B, T), (B, T) -> (B, T)."""
+    log_w = logp - ref_logp
+    if mode == "urkl":
+        return 0.5 * log_w ** 2
+    if mode == "ufkl":
+        return torch.exp(-log_w) + log_w
+    if mode == "rkl":
+        return 0.5 * (log_w + 1) ** 2
+    if mode == "fkl":
+        return torch.exp(-log_w)
+    raise ValueError(f"unknown kl mode {mode!r}: use urkl, ufkl, rkl or fkl")
+
+
+def beta_schedule(step, total_steps, beta, warmup, decay):
+    """beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay), k = 0 .. T-1;
+    warmup = 0 or decay = 0 switches that factor off."""
+    up = min(1.0, step / warmup) if warmup > 0 else 1.0
+    down = min(1.0, max(0.0, (total_steps - step) / decay)) if decay > 0 else 1.0
+    return beta * up * down
+
+
+def token_logprobs(logits, tokens):
+    """log softmax(logits)[tokens]: (B, T, V), (B, T) -> (B, T), in fp32 at least."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.gather(F.log_softmax(logits, -1), -1, tokens[..., None]).squeeze(-1)
+
+
+def response_logits(model, prompt, resp):
+    """Logits (B, Tr, V) that predict each response token, for either view: on the sequence
+    prompt + resp, position Tp - 1 + t predicts resp[:, t]. The student passes x as prompt and
+    the teacher c + x; only this offset differs, so both score the same tokens."""
+    seq = torch.cat([prompt, resp[:, :-1]], dim=1)  # (B, Tp + Tr - 1)
+    return model(seq)[:, prompt.size(1) - 1:]
+
+
+def minibatch_loss(model, teacher_model, mb, args, beta, n_tokens_global, world_size):
+    """The SDPG loss of one mini-batch on this rank, scaled so that DDP's gradient average over
+    ranks yields the token-mean over the global mini-batch. mb holds the rollouts: student and
+    teacher prompts, resp and mask (B, Tr), adv (B,), old_logp and ref_logp (B, Tr).
+    Returns the loss and per-token metric sums (summed over this rank's response tokens)."""
+    T = args.temperature
+    logits = response_logits(model, mb["student"], mb["resp"]).float() / T  # (B, Tr, V)
+    logp = token_logprobs(logits, mb["resp"])  # (B, Tr)
+    adv = mb["adv"][:, None]  # (B, 1)
+    l_out, clipped = clipped_surrogate(logp, mb["old_logp"], adv, args.clip_low, args.clip_high, args.dual_clip)
+    with torch.no_grad():  # the teacher is the current weights, unwrapped, as a constant target
+        teacher_logits = response_logits(teacher_model, mb["teacher"], mb["resp"]).float() / T
+    kl = full_vocab_reverse_kl(logits, teacher_logits)  # (B, Tr)
+    gate = (adv > 0).float() if args.opd_gate == "positive" else torch.ones_like(adv)
+    l_opd = gate * kl if args.algo == "sdpg" else torch.zeros_like(kl)
+    l_ref = ref_penalty(logp, mb["ref_logp"], args.kl_mode)
+    per_token = l_out + beta * l_opd + args.alpha * l_ref  # (B, Tr)
+    m = mb["mask"]
+    # token-mean over the global mini-batch: sum over this rank's response tokens, divided by the
+    # response tokens of all ranks; times world_size because DDP averages gradients over ranks
+    loss = (per_token * m).sum() * world_size / n_tokens_global
+    with torch.no_grad():
+        log_w = logp - mb["ref_logp"]
+        logp_all = F.log_softmax(logits, -1)
+        sums = {"loss": per_token, "loss_out": l_out, "loss_opd": l_opd, "loss_ref": l_ref,
+                "kl_teacher": kl, "kl_ref": torch.exp(-log_w) - 1 + log_w,
+                "entropy": -(logp_all.exp() * logp_all).sum(-1), "clip_frac": clipped.float()}
+        sums = {k: (v * m).sum() for k, v in sums.items()}
+    return loss, sums
+
+
+# -----------------------------------------------------------------------------
+# helpers for the run
+
+def all_sum(t):
+    """Sum a tensor over ranks in place (identity without DDP). Every rank must call it."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model, enc, problems, digits, rank, world_size, max_new_tokens, device, ctx):
+    """Greedy accuracy of the student view (prompt x) and the teacher view (prompt c + x) on the
+    held-out problems, sharded over ranks as range(rank, N, world_size)."""
+    a, b = (p[rank::world_size] for p in problems)
+    student, teacher, _, answers = encode_problems(enc, a, b, digits)
+    correct = torch.zeros(3, device=device)  # student, teacher, count
+    for i, prompts in enumerate((student, teacher)):
+        if not prompts:
+            continue
+        with ctx:
+            resp, _ = model.generate(torch.tensor(prompts, device=device), max_new_tokens, enc.eot_token, temperature=0)
+        correct[i] = sum(reward(decode_response(enc, r), ans) for r, ans in zip(resp.tolist(), answers))
+    correct[2] = len(answers)
+    s, t, n = all_sum(correct).tolist()
+    return s / n, t / n
+
+
+def sft_batch(enc, rng, n, digits, hint_frac, held_out, device):
+    """Warm-start batch: n problems, a fraction shown with c. Inputs (n, L) and targets (n, L),
+    targets -1 except on the response; plain rows are padded on the right to the hinted length
+    (causal attention keeps padding from reaching earlier positions)."""
+    a, b = sample_problems(rng, n, held_out, digits)
+    student, teacher, targets, _ = encode_problems(enc, a, b, digits)
+    hinted = rng.random(n) < hint_frac
+    L = len(teacher[0]) + len(targets[0]) - 1
+    inputs, labels = [], []
+    for i in range(n):
+        prompt = teacher[i] if hinted[i] else student[i]
+        seq = prompt + targets[i][:-1]
+        lab = [-1] * (len(prompt) - 1) + targets[i]
+        inputs.append(seq + [enc.eot_token] * (L - len(seq)))
+        labels.append(lab + [-1] * (L - len(lab)))
+    return torch.tensor(inputs, device=device), torch.tensor(labels, device=device)
+
+
+def rng_state(np_rng, gen):
+    return {"numpy": np_rng.bit_generator.state, "torch_gen": gen.get_state(), "torch": torch.get_rng_state()}
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    validate(args)
+    try:
+        enc = get_encoding(args.tokenizer)
+    except ValueError as e:
+        die(str(e))
+
+    # DDP: one process per device under torchrun, nccl on CUDA, gloo on CPU
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    if ddp:
+        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cpu")
+    if use_cuda:
+        device = torch.device(f"cuda:{local_rank}" if ddp or args.device in ("auto", "cuda") else args.device)
+        torch.cuda.set_device(device)
+    master = rank == 0
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+
+    def print0(*a):
+        if master:
+            print(*a, flush=True)
+
+    per_rank, rem = divmod(args.prompts_per_step, world_size * args.num_minibatches)
+    if per_rank == 0 or rem or args.sft_batch % world_size:
+        die(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} ranks x "
+            f"{args.num_minibatches} mini-batches, and --sft_batch {args.sft_batch} over the ranks")
+    P = args.prompts_per_step // world_size  # prompts per rank per step
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        if master:  # a fresh run starts a fresh log; a resumed one appends
+            log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a" if args.resume else "w")
+    except OSError as e:
+        die(f"--out_dir {args.out_dir}: {e.strerror}")
+
+    def log(record):
+        if master:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    log({"phase": "config", **vars(args), "world_size": world_size, "device": str(device),
+         "torch": torch.__version__, "tiktoken": tiktoken.__version__, "numpy": np.__version__,
+         "python": platform.python_version()})
+
+    # model; the same seed on every rank gives identical initial weights
+    torch.manual_seed(args.seed)
+    D = args.digits
+    eval_set = eval_problems(args.eval_size, D)
+    held_out = np.sort(eval_set[0] * 10 ** D + eval_set[1])
+    _, t0, r0, _ = encode_problems(enc, [0], [0], D)
+    model_args = dict(block_size=len(t0[0]) + max(args.max_new_tokens, len(r0[0])), vocab_size=enc.n_vocab,
+                      n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    model = GPT(GPTConfig(**model_args)).to(device)
+    print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | vocab {enc.n_vocab} | "
+           f"device {device} | world {world_size}")
+
+    # -------------------------------------------------------------------------
+    # stage 1: supervised warm start of both views, cached in sft.pt
+
+    sft_path = os.path.join(args.out_dir, "sft.pt")
+    sft_key = {k: getattr(args, k) for k in ("seed", "tokenizer", "digits", "sft_steps", "sft_batch", "sft_lr", "sft_hint_frac", "sft_until",
+                                             "weight_decay")}
+    sft_key.update(model_args=model_args, world_size=world_size)
+    cached = None if args.resume or not os.path.exists(sft_path) else torch.load(sft_path, map_location=device, weights_only=True)
+    if args.resume:
+        pass  # the checkpoint holds the model and the reference
+    elif cached is not None and cached.get("key") == sft_key:
+        model.load_state_dict(cached["model"])
+        print0(f"warm start: reusing {sft_path}")
+    elif args.sft_steps > 0:
+        train_model = DDP(model, device_ids=[local_rank] if use_cuda else None) if ddp else model
+        opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=args.weight_decay)
+        sft_rng = np.random.default_rng([args.seed, rank, 0])
+        # validation problems for --sft_until: training-distribution problems, never the eval set
+        val_set = sample_problems(np.random.default_rng([args.seed, 2]), 256, held_out, D)
+        t_start = time.time()
+        for step in range(args.sft_steps):
+            x, y = sft_batch(enc, sft_rng, args.sft_batch // world_size, D, args.sft_hint_frac, held_out, device)
+            with ctx:
+                logits = train_model(x)
+            # mean over this rank's response tokens (every row has the same number); DDP averages ranks
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            if (step + 1) % 100 == 0 or step + 1 == args.sft_steps:
+                elapsed = time.time() - t_start
+                eta = elapsed / (step + 1) * (args.sft_steps - step - 1)
+                loss_avg = all_sum(loss.detach().clone()).item() / world_size
+                print0(f"sft {step + 1}/{args.sft_steps} | loss {loss_avg:.4f} | {elapsed:.0f}s | eta {eta:.0f}s")
+                log({"phase": "sft", "step": step + 1, "loss": loss_avg, "time": elapsed})
+            if args.sft_until > 0 and (step + 1) % 25 == 0:
+                acc, teacher_acc = evaluate(model, enc, val_set, D, rank, world_size, args.max_new_tokens, device, ctx)
+                if acc >= args.sft_until and teacher_acc >= 0.9:
+                    print0(f"sft {step + 1}/{args.sft_steps} | val acc {acc:.3f} >= {args.sft_until}, teacher "
+                           f"{teacher_acc:.3f}: warm start done")
+                    log({"phase": "sft", "step": step + 1, "val_acc": acc, "val_teacher_acc": teacher_acc})
+                    break
+        if master:
+            torch.save({"model": model.state_dict(), "model_args": model_args, "key": sft_key}, sft_path)
+        del train_model, opt
+    if ddp:
+        dist.barrier()
+
+    # -------------------------------------------------------------------------
+    # stage 2: RL with SDPG
+
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the frozen warm start
+    raw_model = model  # no-grad passes (rollouts, old/ref log-probs, teacher, eval) use this
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    rl_rng = np.random.default_rng([args.seed, rank, 1])
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    start_step = 0
+    if args.resume:
+        try:
+            ckpt = torch.load(args.resume, map_location=device, weights_only=True)
+            if ckpt["model_args"] != model_args:
+                die(f"--resume {args.resume}: model {ckpt['model_args']} differs from the flags' {model_args}")
+            model.load_state_dict(ckpt["model"])
+            ref_model.load_state_dict(ckpt["ref_model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, EOFError, OSError) as e:  # not ours, truncated, or mismatched
+            die(f"--resume {args.resume}: not a usable SDPG checkpoint ({type(e).__name__})")
+        start_step = ckpt["step"]
+        if world_size == 1:  # RNG streams are per rank; only rank 0's are saved
+            rl_rng.bit_generator.state = ckpt["rng"]["numpy"]
+            gen.set_state(ckpt["rng"]["torch_gen"].to("cpu"))
+            torch.set_rng_state(ckpt["rng"]["torch"].to("cpu"))
+        print0(f"resumed from {args.resume} at step {start_step}")
+    train_model = DDP(model, device_ids=[local_rank] if use_cuda else None) if ddp else model
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    def run_eval(step):
+        acc, teacher_acc = evaluate(raw_model, enc, eval_set, D, rank, world_size, args.max_new_tokens, device, ctx)
+        print0(f"eval step {step}/{args.rl_steps} | eval_acc {acc:.3f} | teacher_acc {teacher_acc:.3f}")
+        log({"phase": "eval", "step": step, "eval_acc": acc, "teacher_acc": teacher_acc})
+
+    def save_checkpoint(step):
+        if master:
+            torch.save({"model": raw_model.state_dict(), "ref_model": ref_model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "model_args": model_args, "step": step,
+                        "config": vars(args), "rng": rng_state(rl_rng, gen)},
+                       os.path.join(args.out_dir, "ckpt.pt"))
+
+    run_eval(start_step)
+    t_run = time.time()
+    for step in range(start_step, args.rl_steps):
+        t0 = time.time()
+        beta = beta_schedule(step, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay)
+
+        # rollouts: G responses per prompt from the student view, which never holds c
+        a, b = sample_problems(rl_rng, P, held_out, D)
+        student, teacher, _, answers = encode_problems(enc, a, b, D)
+        G = args.group_size
+        x = torch.tensor(student, device=device).repeat_interleave(G, 0)  # (P*G, Tp)
+        cx = torch.tensor(teacher, device=device).repeat_interleave(G, 0)  # (P*G, Tc+Tp)
+        with ctx:
+            resp, mask = raw_model.generate(x[::G], args.max_new_tokens, enc.eot_token, G, args.temperature, gen)
+
+        # verifier rewards and group-relative advantages
+        rewards = torch.tensor([reward(decode_response(enc, r), answers[i // G]) for i, r in enumerate(resp.tolist())],
+                               device=device)
+        adv = group_advantages(rewards, G)
+
+        # log-probs of the sampled tokens under pi_old (the rollout weights) and pi_ref
+        with torch.no_grad(), ctx:
+            old_logp = token_logprobs(response_logits(raw_model, x, resp).float() / args.temperature, resp)
+            ref_logp = token_logprobs(response_logits(ref_model, x, resp).float() / args.temperature, resp)
+
+        # several updates per rollout batch, each on a slice of whole groups
+        sums = {}
+        n_mb = P * G // args.num_minibatches  # rollouts per mini-batch on this rank
+        for j in range(args.num_minibatches):
+            s = slice(j * n_mb, (j + 1) * n_mb)
+            mb = {"student": x[s], "teacher": cx[s], "resp": resp[s], "mask": mask[s], "adv": adv[s],
+                  "old_logp": old_logp[s], "ref_logp": ref_logp[s]}
+            n_tokens_global = all_sum(mask[s].sum()).item()  # every rank calls this, whatever its lengths
+            with ctx:
+                loss, mb_sums = minibatch_loss(train_model, raw_model, mb, args, beta, n_tokens_global, world_size)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            sums = {k: sums.get(k, 0) + v for k, v in mb_sums.items()}
+
+        # metrics: token-weighted over all ranks for token terms, rollout-weighted for reward
+        names = list(sums)
+        totals = all_sum(torch.stack([sums[k] for k in names] + [mask.sum(), rewards.sum(), torch.tensor(
+            float(len(rewards)), device=device)]).float()).tolist()
+        n_tok, r_sum, n_roll = totals[-3:]
+        dt = time.time() - t0
+        rec = {"phase": "rl", "step": step + 1, "reward": r_sum / n_roll,
+               **{k: v / n_tok for k, v in zip(names, totals)}, "resp_len": n_tok / n_roll, "beta": beta,
+               "tok_per_s": n_tok / dt, "dt": dt}
+        log(rec)
+        eta = (time.time() - t_run) / (step + 1 - start_step) * (args.rl_steps - step - 1)
+        print0(f"step {step + 1}/{args.rl_steps} | reward {rec['reward']:.3f} | loss {rec['loss']:.4f} | "
+               f"out {rec['loss_out']:.4f} | opd {rec['loss_opd']:.3f} | ref {rec['loss_ref']:.5f} | "
+               f"kl_teacher {rec['kl_teacher']:.3f} | kl_ref {rec['kl_ref']:.4f} | entropy {rec['entropy']:.3f} | "
+               f"len {rec['resp_len']:.2f} | clip {rec['clip_frac']:.3f} | beta {beta:.4g} | "
+               f"{rec['tok_per_s']:.0f} tok/s | {dt * 1000:.0f}ms | eta {eta:.0f}s")
+
+        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.rl_steps:
+            run_eval(step + 1)
+            save_checkpoint(step + 1)
+
+    if start_step == args.rl_steps:
+        save_checkpoint(start_step)
+    if ddp:
+        dist.destroy_process_group()

@@ -1,0 +1,431 @@
+"""
+Tests for sdpg.py, model.py and data.py; CPU only. Each checks behaviour against an independent
+reference: float64 brute force, exact enumeration, a hand-worked case or the paper's formula.
+
+    python -m pytest -q test_sdpg.py
+"""
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import data
+import sdpg
+from model import GPT, GPTConfig
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ENC = data.get_encoding()
+
+
+def tiny_gpt(dtype=torch.float32, seed=0, vocab_size=ENC.n_vocab):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# the exact reverse KL
+
+def brute_force_kl(z_student, z_teacher):
+    """KL(p || q) one row at a time with explicit sums over the vocabulary, float64."""
+    out = torch.zeros(z_student.shape[:-1], dtype=torch.float64)
+    for idx in itertools.product(*(range(n) for n in z_student.shape[:-1])):
+        zs, zt = z_student[idx].double(), z_teacher[idx].double()
+        p = torch.exp(zs) / torch.exp(zs).sum()
+        q = torch.exp(zt) / torch.exp(zt).sum()
+        out[idx] = sum(p[a] * (torch.log(p[a]) - torch.log(q[a])) for a in range(len(p)))
+    return out
+
+
+def test_kl_matches_float64_brute_force_values_and_gradients():
+    torch.manual_seed(0)
+    zs = (3 * torch.randn(2, 3, 11, dtype=torch.float64)).requires_grad_()
+    zt = (3 * torch.randn(2, 3, 11, dtype=torch.float64)).requires_grad_()  # requires grad, must get none
+    w = torch.rand(2, 3, dtype=torch.float64)
+    kl = sdpg.full_vocab_reverse_kl(zs, zt)
+    assert kl.shape == (2, 3)
+    assert_close(kl, brute_force_kl(zs.detach(), zt.detach()))
+    (kl * w).sum().backward()
+    zs_ref = zs.detach().clone().requires_grad_()
+    (brute_force_kl(zs_ref, zt.detach()) * w).sum().backward()
+    assert_close(zs.grad, zs_ref.grad)
+    assert zt.grad is None  # stop-gradient on the teacher
+
+
+def test_kl_float32_and_bf16_inputs_agree_with_float64():
+    torch.manual_seed(1)
+    zs, zt = 4 * torch.randn(5, 258), 4 * torch.randn(5, 258)
+    ref = sdpg.full_vocab_reverse_kl(zs.double(), zt.double())
+    assert_close(sdpg.full_vocab_reverse_kl(zs, zt).double(), ref, rtol=1e-5, atol=1e-5)
+    kl_bf16 = sdpg.full_vocab_reverse_kl(zs.bfloat16(), zt.bfloat16())
+    assert kl_bf16.dtype == torch.float32  # computed in fp32 even from bf16 logits
+    assert_close(kl_bf16, sdpg.full_vocab_reverse_kl(zs.bfloat16().float(), zt.bfloat16().float()))
+
+
+def test_kl_gradient_equals_closed_form():
+    """dKL/dz = p (log p - log q - KL), the form a memory-light backward uses."""
+    torch.manual_seed(2)
+    zs = (2 * torch.randn(4, 9, dtype=torch.float64)).requires_grad_()
+    zt = 2 * torch.randn(4, 9, dtype=torch.float64)
+    kl = sdpg.full_vocab_reverse_kl(zs, zt)
+    kl.sum().backward()
+    logp, logq = F.log_softmax(zs.detach(), -1), F.log_softmax(zt, -1)
+    closed = logp.exp() * (logp - logq - kl.detach()[:, None])
+    assert_close(zs.grad, closed)
+
+
+def test_kl_local_policy_gradient_identity_by_enumeration():
+    """-grad KL(p_theta || q) = sum_a p(a) * A(a) * grad log p(a), with the centred per-token
+    advantage A(a) = -(log p(a) - log q(a)) + KL, enumerated over every token a of a small
+    vocabulary. theta is a tiny linear map so the Jacobian is not the identity."""
+    torch.manual_seed(3)
+    V, H = 6, 4
+    h = torch.randn(H, dtype=torch.float64)
+    W = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(V, dtype=torch.float64)
+    kl = sdpg.full_vocab_reverse_kl(W @ h, zt)
+    (grad_kl,) = torch.autograd.grad(kl, W)
+    logq = F.log_softmax(zt, -1)
+    estimate = torch.zeros_like(W)
+    for a in range(V):
+        logp = F.log_softmax(W @ h, -1)
+        (grad_logp_a,) = torch.autograd.grad(logp[a], W)
+        p_a = logp[a].exp().detach()
+        advantage = -(logp[a].detach() - logq[a]) + kl.detach()
+        estimate += p_a * advantage * grad_logp_a
+    assert_close(-grad_kl, estimate)
+
+
+def test_kl_is_zero_for_identical_views_and_positive_otherwise():
+    z = torch.randn(3, 20)
+    assert_close(sdpg.full_vocab_reverse_kl(z, z), torch.zeros(3), atol=1e-6, rtol=0)
+    assert (sdpg.full_vocab_reverse_kl(z, z.flip(-1)) > 0).all()
+
+
+# -----------------------------------------------------------------------------
+# advantages, surrogate, reference penalty, schedule
+
+def test_group_advantages_hand_worked_and_all_equal_group():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4
+    adv = sdpg.group_advantages(rewards, 4, eps=0.0 + 1e-6)
+    # group 1: mean 0.25, unbiased std sqrt((0.75^2 + 3 * 0.25^2) / 3) = 0.5
+    expected_first = torch.tensor([0.75, -0.25, -0.25, -0.25]) / (0.5 + 1e-6)
+    assert_close(adv[:4], expected_first)
+    assert torch.equal(adv[4:], torch.zeros(4))  # all-equal group: no signal
+    assert torch.equal(sdpg.group_advantages(torch.zeros(6), 3), torch.zeros(6))
+
+
+def test_clipped_surrogate_each_case():
+    def run(ratio, adv):
+        old = torch.zeros(1, 1, dtype=torch.float64)
+        logp = torch.full((1, 1), math.log(ratio), dtype=torch.float64, requires_grad=True)
+        loss, clipped = sdpg.clipped_surrogate(logp, old, torch.tensor(adv, dtype=torch.float64), 0.2, 0.28, 10.0)
+        loss.sum().backward()
+        return loss.item(), bool(clipped.item()), logp.grad.item()
+
+    # A > 0: the unclipped term inside [1-0.2, 1+0.28], clipped above 1.28, unclipped below 0.8
+    assert run(1.1, 2.0)[:2] == (pytest.approx(-2.2), False)
+    loss, clipped, grad = run(1.5, 2.0)
+    assert (loss, clipped, grad) == (pytest.approx(-2 * 1.28), True, 0.0)
+    loss, clipped, grad = run(0.5, 2.0)
+    assert (loss, clipped, grad) == (pytest.approx(-1.0), False, pytest.approx(-2 * 0.5))
+    # A < 0: clipped below 0.8, unclipped above 1.28 until the dual clip caps the loss at -A*c
+    loss, clipped, grad = run(0.5, -1.0)
+    assert (loss, clipped, grad) == (pytest.approx(0.8), True, 0.0)
+    assert run(1.2, -1.0)[:2] == (pytest.approx(1.2), False)
+    assert run(5.0, -1.0)[:2] == (pytest.approx(5.0), False)
+    loss, clipped, grad = run(20.0, -1.0)
+    assert (loss, clipped, grad) == (pytest.approx(10.0), True, 0.0)
+    # A = 0: no loss, no gradient
+    assert run(1.7, 0.0) == (0.0, False, 0.0)
+
+
+def test_ref_penalty_four_forms_from_probabilities():
+    pi = torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64)
+    ref = torch.tensor([0.25, 0.4, 0.9], dtype=torch.float64)
+    logp, ref_logp = pi.log(), ref.log()
+    lw = torch.log(pi / ref)
+    assert_close(sdpg.ref_penalty(logp, ref_logp, "urkl"), 0.5 * lw ** 2)
+    assert_close(sdpg.ref_penalty(logp, ref_logp, "ufkl"), ref / pi + lw)
+    assert_close(sdpg.ref_penalty(logp, ref_logp, "rkl"), 0.5 * (lw + 1) ** 2)
+    assert_close(sdpg.ref_penalty(logp, ref_logp, "fkl"), ref / pi)
+    assert sdpg.ref_penalty(logp, ref_logp, "urkl")[2] == 0  # equal policies: no penalty
+    with pytest.raises(ValueError, match="unknown kl mode"):
+        sdpg.ref_penalty(logp, ref_logp, "k9")
+
+
+def test_beta_schedule_hand_worked():
+    f = sdpg.beta_schedule
+    assert f(0, 100, 0.5, 0, 0) == 0.5 and f(99, 100, 0.5, 0, 0) == 0.5  # both parts off
+    assert f(0, 100, 0.5, 10, 0) == 0.0
+    assert f(5, 100, 0.5, 10, 0) == pytest.approx(0.25)
+    assert f(50, 100, 0.5, 10, 0) == 0.5
+    assert f(80, 100, 0.5, 0, 40) == pytest.approx(0.5 * 20 / 40)
+    assert f(95, 100, 0.5, 10, 20) == pytest.approx(0.5 * 5 / 20)
+    assert f(100, 100, 0.5, 0, 20) == 0.0 and f(120, 100, 0.5, 0, 20) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# model: cached decoding, view alignment
+
+def test_cached_greedy_decoding_equals_full_forward():
+    model = tiny_gpt(torch.float64)
+    prompts = torch.randint(0, 256, (5, 7))
+    eot = ENC.eot_token
+    cached, mask = model.generate(prompts, 10, eot, temperature=0)
+    # reference: greedy with a full forward over the whole sequence at every step, no cache
+    seq = prompts.clone()
+    for _ in range(cached.size(1)):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    ref = seq[:, prompts.size(1):]
+    for i in range(5):  # identical up to and including each row's first eot; eot after it
+        n = int(mask[i].sum())
+        assert torch.equal(cached[i, :n], ref[i, :n])
+        assert (cached[i, n:] == eot).all()
+
+
+def test_generate_shares_prefill_and_stops_rows_at_eot():
+    model = tiny_gpt()
+    eot = ENC.eot_token
+    with torch.no_grad():  # make eot likely so rows end at different times
+        model.wte.weight[eot] *= 0
+        model.wte.weight[eot] += 0.3 * model.ln_f.bias.sign()
+    prompts = torch.randint(0, 256, (3, 6))
+    g = torch.Generator().manual_seed(0)
+    tokens, mask = model.generate(prompts, 12, eot, num_samples=4, temperature=1.0, generator=g)
+    assert tokens.shape[0] == 12 and mask.shape == tokens.shape
+    for row, m in zip(tokens, mask):
+        n = int(m.sum())
+        assert m[:n].all() and not m[n:].any()  # mask is a prefix
+        if n < tokens.size(1) or (row == eot).any():
+            hits = (row == eot).nonzero()
+            if len(hits):
+                assert n == hits[0].item() + 1  # the first eot is the last masked token
+    # the same prompt's samples come out as consecutive rows: temperature 0 makes them identical
+    greedy, _ = model.generate(prompts, 12, eot, num_samples=4, temperature=0)
+    assert all(torch.equal(greedy[4 * i], greedy[4 * i + k]) for i in range(3) for k in range(4))
+
+
+def test_teacher_and_student_score_the_same_response_positions():
+    model = tiny_gpt(torch.float64)
+    student, teacher, targets, _ = data.encode_problems(ENC, [7, 123], [596, 456], 3)
+    x, cx, y = torch.tensor(student), torch.tensor(teacher), torch.tensor(targets)
+    got_teacher = sdpg.response_logits(model, cx, y)
+    got_student = sdpg.response_logits(model, x, y)
+    full_teacher = model(torch.cat([cx, y], 1))  # direct forward on c + x + y
+    full_student = model(torch.cat([x, y], 1))
+    Tc, Tr = cx.size(1), y.size(1)
+    assert_close(got_teacher, full_teacher[:, Tc - 1:Tc - 1 + Tr])
+    assert_close(got_student, full_student[:, x.size(1) - 1:x.size(1) - 1 + Tr])
+    # and position by position: the logits before token y_t are those at the token preceding it
+    for t in range(Tr):
+        prefix = torch.cat([cx, y[:, :t]], 1)
+        assert_close(got_teacher[:, t], model(prefix)[:, -1])
+
+
+# -----------------------------------------------------------------------------
+# data: tokenizer, views, verifier
+
+def test_worked_example_of_the_data_docstring():
+    student, teacher, targets, answers = data.encode_problems(ENC, [7], [596], 3)
+    assert ENC.decode(student[0]) == "007+596="
+    assert answers == ["3060"] and ENC.decode(targets[0]) == "3060<|endoftext|>"
+    assert ENC.decode(teacher[0]) == "<|hint|>3060<|hint|>007+596="
+    assert (len(student[0]), len(teacher[0]), len(targets[0])) == (8, 14, 5)
+    assert all(0 <= t < 256 for t in student[0])  # one byte token per character
+
+
+def test_student_view_never_holds_the_privileged_context():
+    rng = np.random.default_rng(0)
+    a, b = data.sample_problems(rng, 500, np.array([], dtype=np.int64))
+    student, teacher, targets, answers = data.encode_problems(ENC, a, b)
+    hint = ENC.encode_single_token(data.HINT)
+    assert all(hint not in s for s in student)
+    assert all(t[len(t) - len(s):] == s and t.count(hint) == 2 for s, t in zip(student, teacher))
+    # the student prompt carries the operands only, never the answer string
+    assert all(ENC.decode(s) == data.prompt_text(int(i), int(j)) for s, i, j in zip(student, a, b))
+
+
+def test_rollouts_and_eval_feed_the_student_no_hint(monkeypatch):
+    """Walk the prompts that reach generate() during evaluation: no teacher-only token in the
+    student batch, and the teacher batch is the student batch behind c."""
+    model = tiny_gpt()
+    seen = []
+    orig = GPT.generate
+
+    def spy(self, prompts, *a, **k):
+        seen.append(prompts.clone())
+        return orig(self, prompts, *a, **k)
+
+    monkeypatch.setattr(GPT, "generate", spy)
+    problems = data.eval_problems(20)
+    sdpg.evaluate(model, ENC, problems, data.NUM_DIGITS, 0, 1, 6, torch.device("cpu"), torch.no_grad())
+    hint = ENC.encode_single_token(data.HINT)
+    assert len(seen) == 2 and not (seen[0] == hint).any() and (seen[1] == hint).sum(1).eq(2).all()
+    assert torch.equal(seen[1][:, -seen[0].size(1):], seen[0])
+
+
+def test_verifier_on_junk_never_raises():
+    assert data.reward("3060", "3060") == 1.0
+    for junk in ["", "306", "30600", " 3060", "3060\n", "六", "\x00" * 1000, "9" * 10 ** 5, None, 3060, b"3060", ["3060"]]:
+        assert data.reward(junk, "3060") == 0.0
+    # decoding arbitrary ids, invalid UTF-8 bytes and ids past the vocabulary never raises
+    assert data.decode_response(ENC, [0xE4, 0xB8]) == "\ufffd"
+    assert data.decode_response(ENC, [51, 10 ** 9, -4, 48]) == "30"
+    assert data.decode_response(ENC, [51, ENC.eot_token, 52]) == "3"
+    assert data.decode_response(ENC, [ENC.encode_single_token(data.HINT)]) == "<|hint|>"
+
+
+def test_eval_set_is_fixed_and_disjoint_from_training_problems():
+    a1, b1 = data.eval_problems(300, digits=3)
+    a2, b2 = data.eval_problems(300, digits=3)
+    assert np.array_equal(a1, a2) and np.array_equal(b1, b2)
+    keys = np.sort(a1 * 1000 + b1)
+    assert len(np.unique(keys)) == 300
+    rng = np.random.default_rng(5)
+    a, b = data.sample_problems(rng, 200_000, keys, digits=3)
+    assert not np.isin(a * 1000 + b, keys).any()
+    assert a.min() >= 0 and a.max() <= 999 and b.min() >= 0 and b.max() <= 999
+
+
+def test_named_tokenizer_works_or_fails_with_one_clear_line():
+    try:
+        enc = data.get_encoding("gpt2")
+    except ValueError as e:  # no files and no network here
+        assert "gpt2" in str(e) and "\n" not in str(e)
+    else:  # the files are cached: one token per character, the hint a special token
+        student, teacher, targets, _ = data.encode_problems(enc, [7], [596], 3)
+        assert len(student[0]) == 8 and len(teacher[0]) == 14 and enc.decode(targets[0]).startswith("3060")
+    with pytest.raises(ValueError):
+        data.get_encoding("no_such_encoding")
+
+
+# -----------------------------------------------------------------------------
+# the loss on a mini-batch: DDP normalisation and the gate
+
+def fixed_rollouts(model, n, seed):
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    a, b = data.sample_problems(rng, n, np.array([], dtype=np.int64))
+    student, teacher, _, _ = data.encode_problems(ENC, a, b)
+    x, cx = torch.tensor(student), torch.tensor(teacher)
+    resp = torch.randint(0, 256, (n, 6))
+    mask = torch.zeros(n, 6)
+    for i, length in enumerate(torch.randint(1, 7, (n,)).tolist()):  # uneven response lengths
+        mask[i, :length] = 1
+    with torch.no_grad():
+        old = sdpg.token_logprobs(sdpg.response_logits(model, x, resp), resp) + 0.1 * torch.randn(n, 6)
+        ref = old + 0.2 * torch.randn(n, 6)
+    adv = torch.randn(n)
+    return {"student": x, "teacher": cx, "resp": resp, "mask": mask, "adv": adv, "old_logp": old, "ref_logp": ref}
+
+
+def grads(model, mb, args, world_size, n_tokens_global):
+    model.zero_grad()
+    loss, _ = sdpg.minibatch_loss(model, model, mb, args, 0.3, n_tokens_global, world_size)
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_ddp_normalisation_two_ranks_equal_one_rank_on_fixed_rollouts():
+    """Two ranks with 3 rollouts each (uneven lengths), gradients averaged as DDP does, equal one
+    rank holding all 6: token-mean over the global token count, whatever each rank holds."""
+    model = tiny_gpt(torch.float64)
+    args = sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "all"])
+    mb = fixed_rollouts(model, 6, seed=4)
+    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
+    n_global = mb["mask"].sum().item()
+    one_rank = grads(model, mb, args, 1, n_global)
+    halves = [{k: v[s] for k, v in mb.items()} for s in (slice(0, 3), slice(3, 6))]
+    assert halves[0]["mask"].sum() != halves[1]["mask"].sum()  # really uneven
+    two_ranks = sum(grads(model, h, args, 2, n_global) for h in halves) / 2
+    assert_close(two_ranks, one_rank)
+
+
+def test_positive_gate_drops_distillation_on_non_positive_advantages():
+    model = tiny_gpt(torch.float64)
+    mb = fixed_rollouts(model, 4, seed=6)
+    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
+    mb["adv"] = torch.tensor([-1.0, 0.0, -0.5, 0.0], dtype=torch.float64)
+    n = mb["mask"].sum().item()
+    sd = sdpg.parser.parse_args(["--algo", "sdpg", "--opd_gate", "positive"])
+    gr = sdpg.parser.parse_args(["--algo", "grpo"])
+    assert_close(grads(model, mb, sd, 1, n), grads(model, mb, gr, 1, n))
+    ungated = sdpg.parser.parse_args(["--algo", "sdpg", "--opd_gate", "all"])
+    assert not torch.allclose(grads(model, mb, ungated, 1, n), grads(model, mb, gr, 1, n))
+
+
+# -----------------------------------------------------------------------------
+# the script end to end, in subprocesses with tiny budgets
+
+TINY = ["--sft_steps", "30", "--rl_steps", "3", "--eval_every", "2", "--eval_size", "40", "--prompts_per_step", "4",
+        "--group_size", "4", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--sft_batch", "16"]
+
+
+def run_script(args, nproc=None, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    return subprocess.run(head + [os.path.join(HERE, "sdpg.py")] + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_smoke_run_writes_log_checkpoint_and_reuses_warm_start(tmp_path):
+    out = str(tmp_path / "run")
+    p = run_script(TINY + ["--out_dir", out])
+    assert p.returncode == 0, p.stderr
+    log = read_log(out)
+    assert log[0]["phase"] == "config" and log[0]["world_size"] == 1 and log[0]["group_size"] == 4
+    rl = [r for r in log if r["phase"] == "rl"]
+    evals = [r for r in log if r["phase"] == "eval"]
+    assert [r["step"] for r in rl] == [1, 2, 3] and [r["step"] for r in evals] == [0, 2, 3]
+    for key in ["reward", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref", "entropy", "resp_len",
+                "beta", "clip_frac", "tok_per_s", "dt"]:
+        assert all(math.isfinite(r[key]) for r in rl), key
+    assert all(0 <= r["eval_acc"] <= 1 and 0 <= r["teacher_acc"] <= 1 for r in evals)
+    assert "| reward" in p.stdout and "eval_acc" in p.stdout
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 3 and {"model", "optimizer", "ref_model", "config", "rng"} <= set(ckpt)
+    # a second run reuses sft.pt and, from the same seed, starts RL from the same weights
+    p2 = run_script(TINY + ["--out_dir", out])
+    assert p2.returncode == 0 and "reusing" in p2.stdout
+    assert read_log(out)[1]["eval_acc"] == evals[0]["eval_acc"]
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    out = str(tmp_path / "ddp")
+    p = run_script(TINY + ["--out_dir", out], nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    log = read_log(out)
+    assert log[0]["world_size"] == 2
+    assert [r["step"] for r in log if r["phase"] == "rl"] == [1, 2, 3]
+    assert os.path.exists(os.path.join(out, "ckpt.pt"))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--group_size", "1"], "group_size"),
+    (["--rl_steps", "-3"], "rl_steps"),
+    (["--beta", "-0.1"], "beta"),
+    (["--kl_mode", "k9"], "kl_mode"),
+    (["--algo", "ppo"], "algo"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+    (["--resume", "/no/such/ckpt.pt"], "resume"),
+    (["--tokenizer", "no_such_encoding"], "tokenizer"),
+    (["--prompts_per_step", "3"], "prompts_per_step"),
+    (["--not_a_flag", "1"], "not_a_flag"),
+])
+def test_bad_flags_exit_nonzero_with_one_line(flags, needle, tmp_path):
+    p = run_script(flags + ["--out_dir", str(tmp_path)], timeout=60)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr
