@@ -62,6 +62,9 @@ class LayerCache:
 
     def update(self, k, v):
         B, nh, T, hs = k.shape
+        # the attention's is_causal aligns queries to the top-left, right for a prefill into an empty
+        # cache or for one token at a time, not for a chunk appended after cached positions
+        assert T == 1 or self.pos == 0, "append one token at a time after the prefill"
         if self.k is None:
             self.k, self.v = (k.new_zeros(B, nh, self.max_len, hs) for _ in range(2))
         self.k[:, :, self.pos:self.pos + T] = k

@@ -27,7 +27,9 @@ Implementation choices, each deliberate:
     default temperature 1 in fp32 these differences vanish.
  5. The gate defaults to on (--opd_gate positive, the paper's loss); --opd_gate all is the
     official scripts' default. No DAPO dynamic sampling (the released code never reads it).
- 6. kl_ref is logged with the k3 estimator exp(-log w) - 1 + log w >= 0 of KL(pi || pi_ref).
+ 6. kl_ref is logged with the k3 estimator exp(-log w) - 1 + log w >= 0 of KL(pi || pi_ref), on
+    tokens sampled from pi_old (exact in the first mini-batch, slightly off-policy after it).
+ 7. --algo grpo drops the distillation term and skips the teacher forward (beta logged as 0).
 
 Run:
     python sdpg.py                                  # CPU or one GPU
@@ -118,7 +120,8 @@ def validate(args):
         (args.lr > 0 and args.sft_lr > 0, "--lr and --sft_lr must be > 0"),
         (args.beta_warmup >= 0 and args.beta_decay >= 0, "--beta_warmup and --beta_decay must be >= 0"),
         (args.temperature > 0, "--temperature must be > 0 (rollouts are sampled)"),
-        (args.max_new_tokens >= 1, "--max_new_tokens must be >= 1"),
+        (args.max_new_tokens >= args.digits + 2, f"--max_new_tokens must be >= {args.digits + 2}: the answer's "
+                                                   f"{args.digits + 1} digits and end-of-text"),
         (0 <= args.clip_low < 1 and args.clip_high >= 0, "--clip_low must be in [0, 1) and --clip_high >= 0"),
         (args.dual_clip > 1, "--dual_clip must be > 1"),
         (0 <= args.sft_hint_frac <= 1, "--sft_hint_frac must be in [0, 1]"),
@@ -220,26 +223,33 @@ def minibatch_loss(model, teacher_model, mb, args, beta, n_tokens_global, world_
     T = args.temperature
     logits = response_logits(model, mb["student"], mb["resp"]).float() / T  # (B, Tr, V)
     logp = token_logprobs(logits, mb["resp"])  # (B, Tr)
-    adv = mb["adv"][:, None]  # (B, 1)
-    l_out, clipped = clipped_surrogate(logp, mb["old_logp"], adv, args.clip_low, args.clip_high, args.dual_clip)
-    with torch.no_grad():  # the teacher is the current weights, unwrapped, as a constant target
-        teacher_logits = response_logits(teacher_model, mb["teacher"], mb["resp"]).float() / T
-    kl = full_vocab_reverse_kl(logits, teacher_logits)  # (B, Tr)
-    gate = (adv > 0).float() if args.opd_gate == "positive" else torch.ones_like(adv)
-    l_opd = gate * kl if args.algo == "sdpg" else torch.zeros_like(kl)
-    l_ref = ref_penalty(logp, mb["ref_logp"], args.kl_mode)
-    per_token = l_out + beta * l_opd + args.alpha * l_ref  # (B, Tr)
     m = mb["mask"]
+    # past a row's end the log-ratios are set to 0: exp() of an untrained padding position could
+    # overflow, and inf * mask 0 is NaN in the gradient
+    pad = m == 0
+    old_logp = torch.where(pad, logp.detach(), mb["old_logp"])
+    ref_logp = torch.where(pad, logp.detach(), mb["ref_logp"])
+    adv = mb["adv"][:, None]  # (B, 1)
+    l_out, clipped = clipped_surrogate(logp, old_logp, adv, args.clip_low, args.clip_high, args.dual_clip)
+    l_ref = ref_penalty(logp, ref_logp, args.kl_mode)
+    per_token = l_out + args.alpha * l_ref  # (B, Tr)
+    sums = {}
+    if args.algo == "sdpg":
+        with torch.no_grad():  # the teacher is the current weights, unwrapped, as a constant target
+            teacher_logits = response_logits(teacher_model, mb["teacher"], mb["resp"]).float() / T
+        kl = full_vocab_reverse_kl(logits, teacher_logits)  # (B, Tr)
+        gate = (adv > 0).float() if args.opd_gate == "positive" else torch.ones_like(adv)
+        per_token = per_token + beta * gate * kl
+        sums = {"loss_opd": gate * kl, "kl_teacher": kl}
     # token-mean over the global mini-batch: sum over this rank's response tokens, divided by the
     # response tokens of all ranks; times world_size because DDP averages gradients over ranks
     loss = (per_token * m).sum() * world_size / n_tokens_global
     with torch.no_grad():
-        log_w = logp - mb["ref_logp"]
+        log_w = logp - ref_logp
         logp_all = F.log_softmax(logits, -1)
-        sums = {"loss": per_token, "loss_out": l_out, "loss_opd": l_opd, "loss_ref": l_ref,
-                "kl_teacher": kl, "kl_ref": torch.exp(-log_w) - 1 + log_w,
-                "entropy": -(logp_all.exp() * logp_all).sum(-1), "clip_frac": clipped.float()}
-        sums = {k: (v * m).sum() for k, v in sums.items()}
+        sums.update({"loss": per_token, "loss_out": l_out, "loss_ref": l_ref, "kl_ref": torch.exp(-log_w) - 1 + log_w,
+                     "entropy": -(logp_all.exp() * logp_all).sum(-1), "clip_frac": clipped.float()})
+        sums = {k: (v.detach() * m).sum() for k, v in sums.items()}
     return loss, sums
 
 
@@ -390,7 +400,8 @@ if __name__ == "__main__":
                 elapsed = time.time() - t_start
                 eta = elapsed / (step + 1) * (args.sft_steps - step - 1)
                 loss_avg = all_sum(loss.detach().clone()).item() / world_size
-                print0(f"sft {step + 1}/{args.sft_steps} | loss {loss_avg:.4f} | {elapsed:.0f}s | eta {eta:.0f}s")
+                print0(f"sft {step + 1}/{args.sft_steps} | loss {loss_avg:.4f} | {elapsed:.0f}s | "
+                       f"eta {eta:.0f}s{' at most' if args.sft_until else ''}")
                 log({"phase": "sft", "step": step + 1, "loss": loss_avg, "time": elapsed})
             if args.sft_until > 0 and (step + 1) % 25 == 0:
                 acc, teacher_acc = evaluate(model, enc, val_set, D, rank, world_size, args.max_new_tokens, device, ctx)
@@ -450,7 +461,7 @@ if __name__ == "__main__":
     t_run = time.time()
     for step in range(start_step, args.rl_steps):
         t0 = time.time()
-        beta = beta_schedule(step, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay)
+        beta = beta_schedule(step, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay) if args.algo == "sdpg" else 0.0
 
         # rollouts: G responses per prompt from the student view, which never holds c
         a, b = sample_problems(rl_rng, P, held_out, D)
@@ -499,9 +510,10 @@ if __name__ == "__main__":
                "tok_per_s": n_tok / dt, "dt": dt}
         log(rec)
         eta = (time.time() - t_run) / (step + 1 - start_step) * (args.rl_steps - step - 1)
+        opd = f"opd {rec['loss_opd']:.3f} | kl_teacher {rec['kl_teacher']:.3f} | " if args.algo == "sdpg" else ""
         print0(f"step {step + 1}/{args.rl_steps} | reward {rec['reward']:.3f} | loss {rec['loss']:.4f} | "
-               f"out {rec['loss_out']:.4f} | opd {rec['loss_opd']:.3f} | ref {rec['loss_ref']:.5f} | "
-               f"kl_teacher {rec['kl_teacher']:.3f} | kl_ref {rec['kl_ref']:.4f} | entropy {rec['entropy']:.3f} | "
+               f"out {rec['loss_out']:.4f} | {opd}ref {rec['loss_ref']:.5f} | "
+               f"kl_ref {rec['kl_ref']:.4f} | entropy {rec['entropy']:.3f} | "
                f"len {rec['resp_len']:.2f} | clip {rec['clip_frac']:.3f} | beta {beta:.4g} | "
                f"{rec['tok_per_s']:.0f} tok/s | {dt * 1000:.0f}ms | eta {eta:.0f}s")
 

@@ -347,6 +347,20 @@ def test_ddp_normalisation_two_ranks_equal_one_rank_on_fixed_rollouts():
     assert_close(two_ranks, one_rank)
 
 
+def test_padding_positions_cannot_turn_the_gradient_into_nan():
+    """Log-ratios past a row's end are never trained; a huge one there must not reach the
+    gradient through exp() (inf * mask 0 = NaN)."""
+    model = tiny_gpt(torch.float64)
+    mb = fixed_rollouts(model, 4, seed=8)
+    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
+    mb["mask"][0, 3:] = 0
+    mb["old_logp"][0, 4] = -1000.0  # ratio exp(+~1000) = inf at a padding position
+    mb["ref_logp"][0, 5] = 1000.0  # pi_ref / pi_theta = inf there too
+    args = sdpg.parser.parse_args(["--kl_mode", "fkl", "--alpha", "0.1"])
+    g = grads(model, mb, args, 1, mb["mask"].sum().item())
+    assert torch.isfinite(g).all()
+
+
 def test_positive_gate_drops_distillation_on_non_positive_advantages():
     model = tiny_gpt(torch.float64)
     mb = fixed_rollouts(model, 4, seed=6)
