@@ -31,10 +31,15 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        pos = 0  # keys already cached before these T positions
         if cache is not None:
+            pos = cache.pos
             k, v = cache.update(k, v)  # (B, nh, pos + T, hs): every earlier position, then these
-        # a whole sequence (or a prefill) is causal; one new query may see every cached key
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1)
+        if pos == 0 or T == 1:  # a whole sequence or a prefill is causal; one new query sees every key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:  # a chunk after cached keys: query i sees the pos cached keys and chunk keys 0..i
+            allowed = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -62,9 +67,6 @@ class LayerCache:
 
     def update(self, k, v):
         B, nh, T, hs = k.shape
-        # the attention's is_causal aligns queries to the top-left, right for a prefill into an empty
-        # cache or for one token at a time, not for a chunk appended after cached positions
-        assert T == 1 or self.pos == 0, "append one token at a time after the prefill"
         if self.k is None:
             self.k, self.v = (k.new_zeros(B, nh, self.max_len, hs) for _ in range(2))
         self.k[:, :, self.pos:self.pos + T] = k
@@ -108,9 +110,32 @@ class GPT(nn.Module):
             x = block(x, caches[i] if caches is not None else None)
         return self.ln_f(x)
 
-    def forward(self, idx):
-        """Logits (B, T, V) for token ids idx (B, T)."""
-        return self.hidden(idx) @ self.lm_head_weight.T
+    def forward(self, idx, return_hidden=False):
+        """Logits (B, T, V) for token ids idx (B, T); with return_hidden, the final hidden states
+        (B, T, C) instead, for a caller that applies the head in chunks (logits = h @ W.T)."""
+        h = self.hidden(idx)
+        return h if return_hidden else h @ self.lm_head_weight.T
+
+    def _prefill(self, prompts, max_len, num_samples):
+        """Run prompts (B, Tp) once into fresh caches, then share each prompt's keys and values
+        among num_samples consecutive rows. Returns the last hidden state (B*G, 1, C) and the caches."""
+        caches = [LayerCache(max_len) for _ in self.blocks]
+        h = self.hidden(prompts, caches)[:, -1:]  # (B, 1, C): only the last position is needed
+        for c in caches:
+            c.k, c.v = c.k.repeat_interleave(num_samples, 0), c.v.repeat_interleave(num_samples, 0)
+        return h.repeat_interleave(num_samples, 0), caches
+
+    @torch.no_grad()
+    def score(self, prompts, resp, num_samples=1):
+        """Final hidden states (B*G, Tr, C) at the positions that predict each token of resp
+        (B*G, Tr), where prompt b (of prompts (B, Tp)) precedes rows b*G .. b*G+G-1 of resp. Each
+        prompt runs once and its keys and values are shared by its G responses, so a privileged
+        prefix c + x costs one pass per prompt, not one per sample. Equals hidden() on the
+        concatenated sequences; no gradient (teacher, pi_old and pi_ref passes)."""
+        h, caches = self._prefill(prompts, prompts.size(1) + resp.size(1), num_samples)
+        if resp.size(1) > 1:
+            h = torch.cat([h, self.hidden(resp[:, :-1], caches)], 1)
+        return h
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eot, num_samples=1, temperature=1.0, generator=None):
@@ -125,11 +150,7 @@ class GPT(nn.Module):
         generated tokens up to and including each row's first eot.
         """
         B, Tp = prompts.shape
-        caches = [LayerCache(Tp + max_new_tokens) for _ in self.blocks]
-        h = self.hidden(prompts, caches)[:, -1:]  # (B, 1, C): the head only on the last position
-        for c in caches:  # share each prompt's keys and values among its samples
-            c.k, c.v = c.k.repeat_interleave(num_samples, 0), c.v.repeat_interleave(num_samples, 0)
-        h = h.repeat_interleave(num_samples, 0)  # (B*G, 1, C)
+        h, caches = self._prefill(prompts, Tp + max_new_tokens, num_samples)  # (B*G, 1, C)
         done = torch.zeros(B * num_samples, dtype=torch.bool, device=prompts.device)
         tokens, mask = [], []
         for t in range(max_new_tokens):

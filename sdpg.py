@@ -37,6 +37,7 @@ Run:
 """
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -51,6 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 
 from data import (decode_response, encode_problems, eval_problems, get_encoding,
                   reward, sample_problems)
@@ -68,6 +70,8 @@ parser.add_argument("--eval_size", type=int, default=1000, help="held-out proble
 parser.add_argument("--seed", type=int, default=0, help="seeds model init, data and sampling")
 parser.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+parser.add_argument("--kl_chunk", type=int, default=0, help="response tokens per chunk of the lm_head in the loss "
+                    "(0: auto, one fp32 (chunk, V) block of about 24 MB)")
 parser.add_argument("--digits", type=int, default=2, help="operand digits of the addition task (1 to 6)")
 parser.add_argument("--tokenizer", type=str, default="bytes", help="bytes (built in) or a tiktoken name such as gpt2")
 # model
@@ -127,6 +131,7 @@ def validate(args):
         (0 <= args.sft_hint_frac <= 1, "--sft_hint_frac must be in [0, 1]"),
         (args.eval_every >= 0 and 1 <= args.eval_size <= 100_000, "--eval_every must be >= 0 and --eval_size in [1, 100000]"),
         (args.sft_batch >= 1 and args.prompts_per_step >= 1 and args.num_minibatches >= 1, "batch sizes must be >= 1"),
+        (args.kl_chunk >= 0, "--kl_chunk must be >= 0"),
         (min(args.n_layer, args.n_head, args.n_embd) >= 1 and args.n_embd % args.n_head == 0, "--n_embd must be a positive multiple of --n_head"),
         (1 <= args.digits <= 6, "--digits must be in [1, 6]"),
         (args.eval_size <= 10 ** (2 * args.digits) // 2, f"--eval_size must leave at least half of the "
@@ -207,23 +212,123 @@ def token_logprobs(logits, tokens):
     return torch.gather(F.log_softmax(logits, -1), -1, tokens[..., None]).squeeze(-1)
 
 
-def response_logits(model, prompt, resp):
+def response_logits(model, prompt, resp, return_hidden=False):
     """Logits (B, Tr, V) that predict each response token, for either view: on the sequence
     prompt + resp, position Tp - 1 + t predicts resp[:, t]. The student passes x as prompt and
-    the teacher c + x; only this offset differs, so both score the same tokens."""
+    the teacher c + x; only this offset differs, so both score the same tokens.
+    With return_hidden, the final hidden states (B, Tr, H) at those positions instead."""
     seq = torch.cat([prompt, resp[:, :-1]], dim=1)  # (B, Tp + Tr - 1)
-    return model(seq)[:, prompt.size(1) - 1:]
+    return model(seq, return_hidden=return_hidden)[:, prompt.size(1) - 1:]
 
 
-def minibatch_loss(model, teacher_model, mb, args, beta, n_tokens_global, world_size):
+# The lm_head in chunks: the training loss needs, per response token, the log-prob of the sampled
+# token, the entropy and the exact KL over the whole vocabulary, but never the (N, V) logits of all
+# N tokens at once (with V = 50k and N = 4k, one such fp32 tensor is 0.8 GB).
+
+def chunk_rows(chunk_size, vocab_size):
+    """Rows per lm_head chunk: chunk_size, or for 0 about 24 MB of fp32 logits per chunk (119 rows at
+    V = 50304; every row at once at V = 258). Larger chunks were slower on CPU (see bench.py)."""
+    return chunk_size or max(1, 6_000_000 // vocab_size)
+
+
+def _log_softmax(hidden, weight, temperature):
+    """log softmax(hidden @ weight.T / temperature) in fp32 at least: (n, H), (V, H) -> (n, V)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    return F.log_softmax((hidden.to(dtype) @ weight.to(dtype).T) / temperature, dim=-1)
+
+
+class FusedReverseKL(torch.autograd.Function):
+    """KL(p || SG q) per row, p = softmax(hs @ W.T / T), q = softmax(ht @ W.T / T), chunk by chunk.
+    Backward recomputes each chunk and applies the closed form dKL/dz = p (log p - log q - KL)
+    (z the student's scaled logits), so at most one (chunk, V) block is alive at a time."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, hs, ht, weight, temperature, chunk_size):
+        kl = torch.empty(hs.size(0), dtype=torch.promote_types(hs.dtype, torch.float32), device=hs.device)
+        for i in range(0, hs.size(0), chunk_size):
+            logp = _log_softmax(hs[i:i + chunk_size], weight, temperature)
+            logq = _log_softmax(ht[i:i + chunk_size], weight, temperature)
+            kl[i:i + chunk_size] = (logp.exp() * (logp - logq)).sum(-1)
+        ctx.save_for_backward(hs, ht, weight, kl)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return kl
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_kl):
+        hs, ht, weight, kl = ctx.saved_tensors
+        T, C = ctx.temperature, ctx.chunk_size
+        grad_hs, grad_w = torch.zeros_like(hs), torch.zeros_like(weight)
+        for i in range(0, hs.size(0), C):
+            logp = _log_softmax(hs[i:i + C], weight, T)
+            logq = _log_softmax(ht[i:i + C], weight, T)
+            # d loss / d logits = grad_kl * p (log p - log q - KL) / T   (the 1/T from z = h W^T / T)
+            g = grad_kl[i:i + C, None] * logp.exp() * (logp - logq - kl[i:i + C, None]) / T  # (chunk, V)
+            grad_hs[i:i + C] = (g @ weight.to(g.dtype)).to(hs.dtype)
+            grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(weight.dtype)
+        return grad_hs, None, grad_w, None, None  # no gradient to the teacher
+
+
+def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, chunk_size=0):
+    """Per-token KL( softmax(student_hidden @ weight.T / T) || SG softmax(teacher_hidden @ weight.T / T) ),
+    (N, H), (N, H), (V, H) -> (N,), never materialising an (N, V) tensor. Gradients reach
+    student_hidden and weight through the student side only. Equals full_vocab_reverse_kl on the logits."""
+    chunk_size = chunk_rows(chunk_size, weight.size(0))
+    return FusedReverseKL.apply(student_hidden, teacher_hidden.detach(), weight, temperature, chunk_size)
+
+
+def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=0):
+    """log softmax(hidden @ weight.T / T)[tokens] chunk by chunk: (N, H), (V, H), (N,) -> (N,).
+    With grad enabled each chunk is checkpointed, its logits recomputed in backward, never stored."""
+    def chunk_logp(h, t):
+        return torch.gather(_log_softmax(h, weight, temperature), -1, t[:, None]).squeeze(-1)
+    chunk_size = chunk_rows(chunk_size, weight.size(0))
+    if hidden.size(0) <= chunk_size:  # one chunk: nothing to save by recomputing
+        return chunk_logp(hidden, tokens)
+    out = []
+    for i in range(0, hidden.size(0), chunk_size):
+        h, t = hidden[i:i + chunk_size], tokens[i:i + chunk_size]
+        out.append(checkpoint(chunk_logp, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_logp(h, t))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def chunked_entropy(hidden, weight, temperature=1.0, chunk_size=0):
+    """Exact entropy -sum_a p(a) log p(a) per row, chunk by chunk: (N, H), (V, H) -> (N,)."""
+    chunk_size = chunk_rows(chunk_size, weight.size(0))
+    out = []
+    for i in range(0, hidden.size(0), chunk_size):
+        logp = _log_softmax(hidden[i:i + chunk_size], weight, temperature)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out)
+
+
+def sampled_logprobs(model, prompts, resp, group_size, temperature, chunk_size):
+    """log pi(resp_t | prompt, resp_<t) of every response token, (P*G, Tr), for prompts (P, Tp)
+    each shared by G consecutive responses; no gradient, no logits of the whole batch at once.
+    Used for the pi_old and pi_ref passes."""
+    h = model.score(prompts, resp, group_size)  # (P*G, Tr, H)
+    return chunked_token_logprobs(h.flatten(0, 1), model.lm_head_weight, resp.flatten(), temperature,
+                                  chunk_size).view(resp.shape)
+
+
+def response_hidden(model, prompt, resp):
+    """Final hidden states (B, Tr, H) at the positions that predict the response tokens."""
+    return response_logits(model, prompt, resp, return_hidden=True)
+
+
+def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     """The SDPG loss of one mini-batch on this rank, scaled so that DDP's gradient average over
-    ranks yields the token-mean over the global mini-batch. mb holds the rollouts: student and
-    teacher prompts, resp and mask (B, Tr), adv (B,), old_logp and ref_logp (B, Tr).
+    ranks yields the token-mean over the global mini-batch. model: the (possibly DDP-wrapped)
+    student; weight: the tied output matrix W (V, H). mb holds the rollouts: the student prompts,
+    resp and mask (B, Tr), adv (B,), old_logp and ref_logp (B, Tr), and for sdpg the teacher's
+    hidden states h_teacher (B, Tr, H), computed without gradient.
     Returns the loss and per-token metric sums (summed over this rank's response tokens)."""
-    T = args.temperature
-    logits = response_logits(model, mb["student"], mb["resp"]).float() / T  # (B, Tr, V)
-    logp = token_logprobs(logits, mb["resp"])  # (B, Tr)
-    m = mb["mask"]
+    T, C, W = args.temperature, args.kl_chunk, weight
+    resp, m = mb["resp"], mb["mask"]
+    h = response_hidden(model, mb["student"], resp).flatten(0, 1)  # (B*Tr, H), through DDP's forward
+    logp = chunked_token_logprobs(h, W, resp.flatten(), T, C).view(resp.shape)  # (B, Tr)
     # past a row's end the log-ratios are set to 0: exp() of an untrained padding position could
     # overflow, and inf * mask 0 is NaN in the gradient
     pad = m == 0
@@ -235,9 +340,7 @@ def minibatch_loss(model, teacher_model, mb, args, beta, n_tokens_global, world_
     per_token = l_out + args.alpha * l_ref  # (B, Tr)
     sums = {}
     if args.algo == "sdpg":
-        with torch.no_grad():  # the teacher is the current weights, unwrapped, as a constant target
-            teacher_logits = response_logits(teacher_model, mb["teacher"], mb["resp"]).float() / T
-        kl = full_vocab_reverse_kl(logits, teacher_logits)  # (B, Tr)
+        kl = fused_reverse_kl(h, mb["h_teacher"].flatten(0, 1), W, T, C).view(resp.shape)  # (B, Tr)
         gate = (adv > 0).float() if args.opd_gate == "positive" else torch.ones_like(adv)
         per_token = per_token + beta * gate * kl
         sums = {"loss_opd": gate * kl, "kl_teacher": kl}
@@ -246,9 +349,8 @@ def minibatch_loss(model, teacher_model, mb, args, beta, n_tokens_global, world_
     loss = (per_token * m).sum() * world_size / n_tokens_global
     with torch.no_grad():
         log_w = logp - ref_logp
-        logp_all = F.log_softmax(logits, -1)
         sums.update({"loss": per_token, "loss_out": l_out, "loss_ref": l_ref, "kl_ref": torch.exp(-log_w) - 1 + log_w,
-                     "entropy": -(logp_all.exp() * logp_all).sum(-1), "clip_frac": clipped.float()})
+                     "entropy": chunked_entropy(h, W, T, C).view(resp.shape), "clip_frac": clipped.float()})
         sums = {k: (v.detach() * m).sum() for k, v in sums.items()}
     return loss, sums
 
@@ -445,6 +547,11 @@ if __name__ == "__main__":
     if args.compile:
         train_model = torch.compile(train_model)
 
+    def now():  # wall clock for the phase timings; waits for queued GPU work first
+        if use_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def run_eval(step):
         acc, teacher_acc = evaluate(raw_model, enc, eval_set, D, rank, world_size, args.max_new_tokens, device, ctx)
         print0(f"eval step {step}/{args.rl_steps} | eval_acc {acc:.3f} | teacher_acc {teacher_acc:.3f}")
@@ -460,7 +567,7 @@ if __name__ == "__main__":
     run_eval(start_step)
     t_run = time.time()
     for step in range(start_step, args.rl_steps):
-        t0 = time.time()
+        t0 = now()
         beta = beta_schedule(step, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay) if args.algo == "sdpg" else 0.0
 
         # rollouts: G responses per prompt from the student view, which never holds c
@@ -478,36 +585,46 @@ if __name__ == "__main__":
         adv = group_advantages(rewards, G)
 
         # log-probs of the sampled tokens under pi_old (the rollout weights) and pi_ref
+        t_rollout = now() - t0
         with torch.no_grad(), ctx:
-            old_logp = token_logprobs(response_logits(raw_model, x, resp).float() / args.temperature, resp)
-            ref_logp = token_logprobs(response_logits(ref_model, x, resp).float() / args.temperature, resp)
+            old_logp = sampled_logprobs(raw_model, x[::G], resp, G, args.temperature, args.kl_chunk)
+            ref_logp = sampled_logprobs(ref_model, x[::G], resp, G, args.temperature, args.kl_chunk)
+        t_logp = now() - t0 - t_rollout
 
         # several updates per rollout batch, each on a slice of whole groups
-        sums = {}
+        sums, t_teacher, t_update = {}, 0.0, 0.0
         n_mb = P * G // args.num_minibatches  # rollouts per mini-batch on this rank
         for j in range(args.num_minibatches):
             s = slice(j * n_mb, (j + 1) * n_mb)
-            mb = {"student": x[s], "teacher": cx[s], "resp": resp[s], "mask": mask[s], "adv": adv[s],
+            mb = {"student": x[s], "resp": resp[s], "mask": mask[s], "adv": adv[s],
                   "old_logp": old_logp[s], "ref_logp": ref_logp[s]}
+            t_a = now()
+            if args.algo == "sdpg":  # teacher: the current weights, unwrapped, reading c + x + y
+                with torch.no_grad(), ctx:
+                    mb["h_teacher"] = raw_model.score(cx[s][::G], resp[s], G)  # (B, Tr, H), c + x run once per prompt
+            t_b = now()
             n_tokens_global = all_sum(mask[s].sum()).item()  # every rank calls this, whatever its lengths
             with ctx:
-                loss, mb_sums = minibatch_loss(train_model, raw_model, mb, args, beta, n_tokens_global, world_size)
+                loss, mb_sums = minibatch_loss(train_model, raw_model.lm_head_weight, mb, args, beta,
+                                               n_tokens_global, world_size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             optimizer.step()
             sums = {k: sums.get(k, 0) + v for k, v in mb_sums.items()}
+            t_teacher, t_update = t_teacher + t_b - t_a, t_update + now() - t_b
 
         # metrics: token-weighted over all ranks for token terms, rollout-weighted for reward
         names = list(sums)
         totals = all_sum(torch.stack([sums[k] for k in names] + [mask.sum(), rewards.sum(), torch.tensor(
             float(len(rewards)), device=device)]).float()).tolist()
         n_tok, r_sum, n_roll = totals[-3:]
-        dt = time.time() - t0
+        dt = now() - t0
         rec = {"phase": "rl", "step": step + 1, "reward": r_sum / n_roll,
                **{k: v / n_tok for k, v in zip(names, totals)}, "resp_len": n_tok / n_roll, "beta": beta,
-               "tok_per_s": n_tok / dt, "dt": dt}
+               "tok_per_s": n_tok / dt, "dt": dt,
+               "dt_rollout": t_rollout, "dt_logp": t_logp, "dt_teacher": t_teacher, "dt_update": t_update}
         log(rec)
         eta = (time.time() - t_run) / (step + 1 - start_step) * (args.rl_steps - step - 1)
         opd = f"opd {rec['loss_opd']:.3f} | kl_teacher {rec['kl_teacher']:.3f} | " if args.algo == "sdpg" else ""
@@ -524,4 +641,9 @@ if __name__ == "__main__":
     if start_step == args.rl_steps:
         save_checkpoint(start_step)
     if ddp:
+        # drop the DDP wrapper (it holds the process group) before tearing the group down; gloo can
+        # abort at interpreter exit when a process group outlives destroy_process_group
+        del train_model
+        gc.collect()
+        dist.barrier()  # rank 0 may still be saving
         dist.destroy_process_group()

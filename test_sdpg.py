@@ -109,6 +109,47 @@ def test_kl_is_zero_for_identical_views_and_positive_otherwise():
     assert (sdpg.full_vocab_reverse_kl(z, z.flip(-1)) > 0).all()
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("chunk_size", [1, 7, 23])  # 23 = N: one chunk; 7 does not divide N
+def test_fused_reverse_kl_equals_the_reference_values_and_gradients(dtype, tol, chunk_size):
+    """fused_reverse_kl on hidden states and the tied matrix equals full_vocab_reverse_kl on the
+    logits h @ W.T / T, values and gradients to the student hidden states and to W."""
+    torch.manual_seed(7)
+    N, H, V, T = 23, 8, 50, 0.7
+    hs = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    ht = torch.randn(N, H, dtype=dtype, requires_grad=True)
+    W = torch.randn(V, H, dtype=dtype, requires_grad=True)
+    w = torch.rand(N, dtype=dtype)
+    kl = sdpg.fused_reverse_kl(hs, ht, W, T, chunk_size)
+    (kl * w).sum().backward()
+    got = (kl.detach(), hs.grad.clone(), W.grad.clone())
+    assert ht.grad is None  # the teacher side gets no gradient
+    hs.grad = W.grad = None
+    ref = sdpg.full_vocab_reverse_kl(hs.double() @ W.double().T / T, ht.double() @ W.double().T / T)
+    (ref * w.double()).sum().backward()
+    for a, b in zip(got, (ref.detach(), hs.grad, W.grad)):
+        assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_chunked_log_probs_and_entropy_equal_the_full_logits(chunk_size):
+    torch.manual_seed(8)
+    N, H, V, T = 13, 6, 40, 1.3
+    h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (N,))
+    lp = sdpg.chunked_token_logprobs(h, W, y, T, chunk_size)
+    lp.sum().backward()
+    got = (lp.detach(), h.grad.clone(), W.grad.clone())
+    h.grad = W.grad = None
+    logq = torch.log_softmax(h @ W.T / T, -1)
+    ref = logq[torch.arange(N), y]
+    ref.sum().backward()
+    for a, b in zip(got, (ref.detach(), h.grad, W.grad)):
+        assert_close(a, b)
+    assert_close(sdpg.chunked_entropy(h, W, T, chunk_size), -(logq.exp() * logq).sum(-1).detach())
+
+
 # -----------------------------------------------------------------------------
 # advantages, surrogate, reference penalty, schedule
 
@@ -228,6 +269,21 @@ def test_teacher_and_student_score_the_same_response_positions():
         assert_close(got_teacher[:, t], model(prefix)[:, -1])
 
 
+def test_shared_prefix_scoring_equals_full_forward_per_sample():
+    """GPT.score runs each (privileged) prompt once and appends its G responses as a chunk after
+    the cached keys; it must equal a full forward over every prompt + response sequence."""
+    model = tiny_gpt(torch.float64)
+    G = 3
+    _, teacher, _, _ = data.encode_problems(ENC, [7, 123], [596, 456], 3)
+    cx = torch.tensor(teacher)  # (2, 14)
+    resp = torch.randint(0, 256, (2 * G, 5))
+    got = model.score(cx, resp, G)  # (6, 5, H)
+    want = sdpg.response_hidden(model, cx.repeat_interleave(G, 0), resp)
+    assert got.shape == want.shape
+    assert_close(got, want)
+    assert_close(model.score(cx, resp[:, :1], G), want[:, :1])  # a one-token response
+
+
 # -----------------------------------------------------------------------------
 # data: tokenizer, views, verifier
 
@@ -321,13 +377,15 @@ def fixed_rollouts(model, n, seed):
     with torch.no_grad():
         old = sdpg.token_logprobs(sdpg.response_logits(model, x, resp), resp) + 0.1 * torch.randn(n, 6)
         ref = old + 0.2 * torch.randn(n, 6)
+        h_teacher = sdpg.response_hidden(model, cx, resp)  # (n, 6, H), as the loop computes it
     adv = torch.randn(n)
-    return {"student": x, "teacher": cx, "resp": resp, "mask": mask, "adv": adv, "old_logp": old, "ref_logp": ref}
+    return {"student": x, "resp": resp, "mask": mask, "adv": adv, "old_logp": old, "ref_logp": ref,
+            "h_teacher": h_teacher}
 
 
 def grads(model, mb, args, world_size, n_tokens_global):
     model.zero_grad()
-    loss, _ = sdpg.minibatch_loss(model, model, mb, args, 0.3, n_tokens_global, world_size)
+    loss, _ = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n_tokens_global, world_size)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -421,8 +479,8 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
     assert run_script(tiny + ["--rl_steps", "2", "--out_dir", part]).returncode == 0
     p = run_script(tiny + ["--rl_steps", "4", "--out_dir", part, "--resume", os.path.join(part, "ckpt.pt")])
     assert p.returncode == 0, p.stderr
-    timing = {"dt", "tok_per_s"}
-    strip = lambda log: [{k: v for k, v in r.items() if k not in timing} for r in log if r["phase"] == "rl"]
+    def strip(log):  # everything but the wall-clock timings
+        return [{k: v for k, v in r.items() if not (k.startswith("dt") or k == "tok_per_s")} for r in log if r["phase"] == "rl"]
     assert strip(read_log(part))[-2:] == strip(read_log(full))[-2:]
     assert [r["step"] for r in strip(read_log(part))] == [1, 2, 3, 4]
 
