@@ -104,6 +104,7 @@ def kl_error(N, H, V, chunk, device):
 
 def bench_kl(args, device):
     N, H, V = args.tokens, args.hidden, args.vocab
+    args.chunk = sdpg.chunk_rows(args.chunk, V)
     print(f"\n## 1. exact reverse KL, N = {N} tokens, H = {H}, V = {V}, forward + backward ({device})\n")
     rows = {}
     for impl in ("naive", "fused"):
@@ -168,24 +169,27 @@ def bench_rollout(args, device):
 
 def bench_step(args, device):
     steps = args.steps
-    print(f"\n## 3. one RL step of sdpg.py by phase, median of steps 6..{steps}, default config ({device})\n")
+    print(f"\n## 3. one RL step of sdpg.py by phase, default config, median over steps 6..{steps} of "
+          f"{args.rounds} alternating runs per algo ({device})\n")
     tmp = tempfile.mkdtemp()
     phases = ("dt_rollout", "dt_logp", "dt_teacher", "dt_update", "dt")
-    med = {}
+    records = {"sdpg": [], "grpo": []}
     try:
-        for algo in ("sdpg", "grpo"):
-            out = os.path.join(tmp, algo)
-            os.makedirs(out)
-            if algo == "grpo":  # the same warm start
-                shutil.copy(os.path.join(tmp, "sdpg", "sft.pt"), out)
-            cmd = [sys.executable, os.path.join(HERE, "sdpg.py"), "--algo", algo, "--rl_steps", str(steps),
-                   "--eval_every", "0", "--eval_size", "100", "--out_dir", out, "--device", str(device)]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            with open(os.path.join(out, "log.jsonl")) as f:
-                rl = [r for r in map(json.loads, f) if r["phase"] == "rl"][5:]
-            med[algo] = {k: statistics.median(r[k] for r in rl) for k in phases}
+        for i in range(args.rounds):
+            for algo in ("sdpg", "grpo"):  # alternate, so drift on a shared machine hits both alike
+                out = os.path.join(tmp, f"{algo}{i}")
+                os.makedirs(out)
+                if os.path.exists(os.path.join(tmp, "sft.pt")):  # the same warm start for every run
+                    shutil.copy(os.path.join(tmp, "sft.pt"), out)
+                cmd = [sys.executable, os.path.join(HERE, "sdpg.py"), "--algo", algo, "--rl_steps", str(steps),
+                       "--eval_every", "0", "--eval_size", "100", "--out_dir", out, "--device", str(device)]
+                subprocess.run(cmd, check=True, capture_output=True, text=True)
+                shutil.copy(os.path.join(out, "sft.pt"), tmp)
+                with open(os.path.join(out, "log.jsonl")) as f:
+                    records[algo] += [r for r in map(json.loads, f) if r["phase"] == "rl"][5:]
     finally:
         shutil.rmtree(tmp)
+    med = {algo: {k: statistics.median(r[k] for r in rs) for k in phases} for algo, rs in records.items()}
     print("| phase (ms) | rollout | pi_old + pi_ref log-probs | teacher | update | whole step |")
     print("|---|---|---|---|---|---|")
     for algo in ("sdpg", "grpo"):
@@ -200,9 +204,10 @@ if __name__ == "__main__":
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--chunk", type=int, default=0, help="rows per chunk (0: sdpg.chunk_rows)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=40, help="RL steps per algo in part 3")
+    p.add_argument("--steps", type=int, default=40, help="RL steps per run in part 3")
+    p.add_argument("--rounds", type=int, default=3, help="runs per algo in part 3, alternating")
     p.add_argument("--kl_worker", choices=["naive", "fused"], help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

@@ -42,6 +42,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -104,12 +105,16 @@ parser.add_argument("--beta_warmup", type=int, default=0, help="T_warm: steps of
 parser.add_argument("--beta_decay", type=int, default=0, help="T_decay: final steps of linear beta decay (0: off)")
 parser.add_argument("--opd_gate", type=str, default="positive", choices=["positive", "all"], help="distil on A>0 rollouts or all")
 parser.add_argument("--alpha", type=float, default=1e-3, help="weight of the reference penalty")
+parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many RL steps in a row with a "
+                    "non-finite loss or gradient (each such update is skipped)")
+parser.add_argument("--debug_nan_at", type=int, default=-1, help="testing aid: poison the loss from this RL step on")
 parser.add_argument("--kl_mode", type=str, default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="form of the reference penalty")
 
 
 def die(msg):
-    """One clear line on stderr and a non-zero exit, no traceback."""
-    print(f"sdpg.py: error: {msg}", file=sys.stderr, flush=True)
+    """One clear line on stderr (from rank 0 only under torchrun) and a non-zero exit, no traceback."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"sdpg.py: error: {msg}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
@@ -132,6 +137,7 @@ def validate(args):
         (args.eval_every >= 0 and 1 <= args.eval_size <= 100_000, "--eval_every must be >= 0 and --eval_size in [1, 100000]"),
         (args.sft_batch >= 1 and args.prompts_per_step >= 1 and args.num_minibatches >= 1, "batch sizes must be >= 1"),
         (args.kl_chunk >= 0, "--kl_chunk must be >= 0"),
+        (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
         (min(args.n_layer, args.n_head, args.n_embd) >= 1 and args.n_embd % args.n_head == 0, "--n_embd must be a positive multiple of --n_head"),
         (1 <= args.digits <= 6, "--digits must be in [1, 6]"),
         (args.eval_size <= 10 ** (2 * args.digits) // 2, f"--eval_size must leave at least half of the "
@@ -250,6 +256,8 @@ class FusedReverseKL(torch.autograd.Function):
             logp = _log_softmax(hs[i:i + chunk_size], weight, temperature)
             logq = _log_softmax(ht[i:i + chunk_size], weight, temperature)
             kl[i:i + chunk_size] = (logp.exp() * (logp - logq)).sum(-1)
+        # a single chunk keeps dKL/dz for backward (it is the one block anyway); several recompute it
+        ctx.dkl_dz = logp.exp() * (logp - logq - kl[:, None]) if hs.size(0) <= chunk_size else None
         ctx.save_for_backward(hs, ht, weight, kl)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return kl
@@ -261,12 +269,16 @@ class FusedReverseKL(torch.autograd.Function):
         T, C = ctx.temperature, ctx.chunk_size
         grad_hs, grad_w = torch.zeros_like(hs), torch.zeros_like(weight)
         for i in range(0, hs.size(0), C):
-            logp = _log_softmax(hs[i:i + C], weight, T)
-            logq = _log_softmax(ht[i:i + C], weight, T)
-            # d loss / d logits = grad_kl * p (log p - log q - KL) / T   (the 1/T from z = h W^T / T)
-            g = grad_kl[i:i + C, None] * logp.exp() * (logp - logq - kl[i:i + C, None]) / T  # (chunk, V)
+            if ctx.dkl_dz is not None:
+                dkl_dz = ctx.dkl_dz
+            else:
+                logp = _log_softmax(hs[i:i + C], weight, T)
+                logq = _log_softmax(ht[i:i + C], weight, T)
+                dkl_dz = logp.exp() * (logp - logq - kl[i:i + C, None])  # the closed form p (log p - log q - KL)
+            g = grad_kl[i:i + C, None] * dkl_dz / T  # (chunk, V); the 1/T from z = h W^T / T
             grad_hs[i:i + C] = (g @ weight.to(g.dtype)).to(hs.dtype)
             grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(weight.dtype)
+        ctx.dkl_dz = None
         return grad_hs, None, grad_w, None, None  # no gradient to the teacher
 
 
@@ -405,6 +417,33 @@ def rng_state(np_rng, gen):
     return {"numpy": np_rng.bit_generator.state, "torch_gen": gen.get_state(), "torch": torch.get_rng_state()}
 
 
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename over path: a kill mid-save leaves the previous
+    file intact. On failure (disk full, no permission) the temporary file is removed and OSError raised."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, device, required):
+    """torch.load with weights_only=True, so no pickled code ever runs. ValueError with one line
+    when the file is unreadable, truncated, not ours, or lacks one of the required keys."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # whatever the file is, the user gets one line, never a traceback
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"{path}: not a readable SDPG checkpoint ({type(e).__name__}: {first})") from None
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: not an SDPG checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
 # -----------------------------------------------------------------------------
 # the run
 
@@ -446,6 +485,18 @@ if __name__ == "__main__":
     except OSError as e:
         die(f"--out_dir {args.out_dir}: {e.strerror}")
 
+    # Ctrl-C (SIGINT) or SIGTERM: finish the current step, save, exit; a second one stops at once
+    stop_requested = [False]
+
+    def request_stop(signum, frame):
+        if stop_requested[0]:
+            raise KeyboardInterrupt
+        stop_requested[0] = True
+        print0(f"{signal.Signals(signum).name}: stopping after this step (again to stop now)")
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+
     def log(record):
         if master:
             log_file.write(json.dumps(record) + "\n")
@@ -474,7 +525,12 @@ if __name__ == "__main__":
     sft_key = {k: getattr(args, k) for k in ("seed", "tokenizer", "digits", "sft_steps", "sft_batch", "sft_lr", "sft_hint_frac", "sft_until",
                                              "weight_decay")}
     sft_key.update(model_args=model_args, world_size=world_size)
-    cached = None if args.resume or not os.path.exists(sft_path) else torch.load(sft_path, map_location=device, weights_only=True)
+    cached = None
+    if not args.resume and os.path.exists(sft_path):
+        try:
+            cached = load_checkpoint(sft_path, device, ("model", "key"))
+        except ValueError as e:
+            print0(f"warm start: ignoring {e}")
     if args.resume:
         pass  # the checkpoint holds the model and the reference
     elif cached is not None and cached.get("key") == sft_key:
@@ -490,14 +546,17 @@ if __name__ == "__main__":
         for step in range(args.sft_steps):
             x, y = sft_batch(enc, sft_rng, args.sft_batch // world_size, D, args.sft_hint_frac, held_out, device)
             with ctx:
-                logits = train_model(x)
+                h = train_model(x, return_hidden=True)[y >= 0]  # (n, H): the head only where a label is
             # mean over this rank's response tokens (every row has the same number); DDP averages ranks
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+            loss = -chunked_token_logprobs(h, model.lm_head_weight, y[y >= 0], 1.0, args.kl_chunk).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
             opt.step()
+            if all_sum(torch.tensor(float(stop_requested[0]), device=device)).item() > 0:
+                print0("interrupted during the warm start: nothing saved (sft.pt is written when it completes)")
+                sys.exit(130)
             if (step + 1) % 100 == 0 or step + 1 == args.sft_steps:
                 elapsed = time.time() - t_start
                 eta = elapsed / (step + 1) * (args.sft_steps - step - 1)
@@ -513,7 +572,10 @@ if __name__ == "__main__":
                     log({"phase": "sft", "step": step + 1, "val_acc": acc, "val_teacher_acc": teacher_acc})
                     break
         if master:
-            torch.save({"model": model.state_dict(), "model_args": model_args, "key": sft_key}, sft_path)
+            try:
+                save_atomic({"model": model.state_dict(), "model_args": model_args, "key": sft_key}, sft_path)
+            except OSError as e:
+                die(f"saving {sft_path}: {e.strerror or e}")
         del train_model, opt
     if ddp:
         dist.barrier()
@@ -529,19 +591,26 @@ if __name__ == "__main__":
     start_step = 0
     if args.resume:
         try:
-            ckpt = torch.load(args.resume, map_location=device, weights_only=True)
-            if ckpt["model_args"] != model_args:
-                die(f"--resume {args.resume}: model {ckpt['model_args']} differs from the flags' {model_args}")
+            ckpt = load_checkpoint(args.resume, device, ("model", "ref_model", "optimizer", "model_args", "step", "rng"))
+        except ValueError as e:
+            die(f"--resume {e}")
+        if ckpt["model_args"] != model_args:
+            die(f"--resume {args.resume}: its model {ckpt['model_args']} differs from this run's {model_args}; "
+                f"use the flags it was trained with")
+        try:
             model.load_state_dict(ckpt["model"])
             ref_model.load_state_dict(ckpt["ref_model"])
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (KeyError, RuntimeError, EOFError, OSError) as e:  # not ours, truncated, or mismatched
-            die(f"--resume {args.resume}: not a usable SDPG checkpoint ({type(e).__name__})")
+        except (RuntimeError, ValueError, KeyError) as e:
+            die(f"--resume {args.resume}: weights do not fit the model ({type(e).__name__})")
         start_step = ckpt["step"]
-        if world_size == 1:  # RNG streams are per rank; only rank 0's are saved
-            rl_rng.bit_generator.state = ckpt["rng"]["numpy"]
-            gen.set_state(ckpt["rng"]["torch_gen"].to("cpu"))
-            torch.set_rng_state(ckpt["rng"]["torch"].to("cpu"))
+        if len(ckpt["rng"]) == world_size:  # one stream per rank; a new world size starts fresh streams
+            state = ckpt["rng"][rank]
+            rl_rng.bit_generator.state = state["numpy"]
+            gen.set_state(state["torch_gen"].to("cpu"))
+            torch.set_rng_state(state["torch"].to("cpu"))
+        else:
+            print0(f"resume: saved with {len(ckpt['rng'])} ranks, running {world_size}: new random streams")
         print0(f"resumed from {args.resume} at step {start_step}")
     train_model = DDP(model, device_ids=[local_rank] if use_cuda else None) if ddp else model
     if args.compile:
@@ -557,15 +626,22 @@ if __name__ == "__main__":
         print0(f"eval step {step}/{args.rl_steps} | eval_acc {acc:.3f} | teacher_acc {teacher_acc:.3f}")
         log({"phase": "eval", "step": step, "eval_acc": acc, "teacher_acc": teacher_acc})
 
-    def save_checkpoint(step):
+    def save_checkpoint(step):  # every rank calls it: each rank's random streams are gathered
+        rngs = [rng_state(rl_rng, gen)]
+        if ddp:
+            rngs = [None] * world_size
+            dist.all_gather_object(rngs, rng_state(rl_rng, gen))
         if master:
-            torch.save({"model": raw_model.state_dict(), "ref_model": ref_model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "model_args": model_args, "step": step,
-                        "config": vars(args), "rng": rng_state(rl_rng, gen)},
-                       os.path.join(args.out_dir, "ckpt.pt"))
+            path = os.path.join(args.out_dir, "ckpt.pt")
+            try:
+                save_atomic({"model": raw_model.state_dict(), "ref_model": ref_model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "model_args": model_args, "step": step,
+                             "config": vars(args), "rng": rngs}, path)
+            except OSError as e:
+                die(f"saving {path}: {e.strerror or e}; the previous checkpoint is intact")
 
     run_eval(start_step)
-    t_run = time.time()
+    t_run, bad_streak = time.time(), 0
     for step in range(start_step, args.rl_steps):
         t0 = now()
         beta = beta_schedule(step, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay) if args.algo == "sdpg" else 0.0
@@ -592,7 +668,7 @@ if __name__ == "__main__":
         t_logp = now() - t0 - t_rollout
 
         # several updates per rollout batch, each on a slice of whole groups
-        sums, t_teacher, t_update = {}, 0.0, 0.0
+        sums, t_teacher, t_update, skipped = {}, 0.0, 0.0, 0
         n_mb = P * G // args.num_minibatches  # rollouts per mini-batch on this rank
         for j in range(args.num_minibatches):
             s = slice(j * n_mb, (j + 1) * n_mb)
@@ -607,11 +683,16 @@ if __name__ == "__main__":
             with ctx:
                 loss, mb_sums = minibatch_loss(train_model, raw_model.lm_head_weight, mb, args, beta,
                                                n_tokens_global, world_size)
+            if 0 <= args.debug_nan_at <= step:
+                loss = loss * float("nan")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
+            # the norm is of the gradients DDP already averaged, so every rank takes the same branch
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            else:  # a non-finite loss or gradient: skip this update, keep the weights and Adam moments
+                skipped += 1
             sums = {k: sums.get(k, 0) + v for k, v in mb_sums.items()}
             t_teacher, t_update = t_teacher + t_b - t_a, t_update + now() - t_b
 
@@ -624,7 +705,8 @@ if __name__ == "__main__":
         rec = {"phase": "rl", "step": step + 1, "reward": r_sum / n_roll,
                **{k: v / n_tok for k, v in zip(names, totals)}, "resp_len": n_tok / n_roll, "beta": beta,
                "tok_per_s": n_tok / dt, "dt": dt,
-               "dt_rollout": t_rollout, "dt_logp": t_logp, "dt_teacher": t_teacher, "dt_update": t_update}
+               "dt_rollout": t_rollout, "dt_logp": t_logp, "dt_teacher": t_teacher, "dt_update": t_update,
+               "skipped": skipped}
         log(rec)
         eta = (time.time() - t_run) / (step + 1 - start_step) * (args.rl_steps - step - 1)
         opd = f"opd {rec['loss_opd']:.3f} | kl_teacher {rec['kl_teacher']:.3f} | " if args.algo == "sdpg" else ""
@@ -632,11 +714,23 @@ if __name__ == "__main__":
                f"out {rec['loss_out']:.4f} | {opd}ref {rec['loss_ref']:.5f} | "
                f"kl_ref {rec['kl_ref']:.4f} | entropy {rec['entropy']:.3f} | "
                f"len {rec['resp_len']:.2f} | clip {rec['clip_frac']:.3f} | beta {beta:.4g} | "
-               f"{rec['tok_per_s']:.0f} tok/s | {dt * 1000:.0f}ms | eta {eta:.0f}s")
+               f"{rec['tok_per_s']:.0f} tok/s | {dt * 1000:.0f}ms | eta {eta:.0f}s"
+               + (f" | skipped {skipped} non-finite updates" if skipped else ""))
 
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.rl_steps:
+        saved = (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.rl_steps
+        if saved:
             run_eval(step + 1)
             save_checkpoint(step + 1)
+        bad_streak = bad_streak + 1 if skipped else 0
+        if bad_streak >= args.max_bad_steps:
+            die(f"{bad_streak} RL steps in a row had a non-finite loss or gradient (updates skipped); stopping. "
+                f"The last checkpoint written is {os.path.join(args.out_dir, 'ckpt.pt')}; try a lower --lr")
+        if all_sum(torch.tensor(float(stop_requested[0]), device=device)).item() > 0:  # every rank asks
+            if not saved:
+                save_checkpoint(step + 1)
+            print0(f"stopped after step {step + 1}/{args.rl_steps}; continue with "
+                   f"--resume {os.path.join(args.out_dir, 'ckpt.pt')}")
+            break
 
     if start_step == args.rl_steps:
         save_checkpoint(start_step)

@@ -512,3 +512,185 @@ def test_bad_flags_exit_nonzero_with_one_line(flags, needle, tmp_path):
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# reliability: checkpoints, interrupts, non-finite updates, uneven DDP work
+
+def test_save_atomic_keeps_the_previous_file_when_a_save_dies(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    sdpg.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dying_save(obj, f):  # writes half a file, then the disk fills up
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(20)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        sdpg.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert sdpg.load_checkpoint(path, "cpu", ("step",))["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.path.join(HERE, 'PWNED')}",))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign", "pickle", "text"])
+def test_bad_checkpoints_give_one_line_and_run_no_pickle(kind, tmp_path):
+    good = tmp_path / "good"
+    assert run_script(TINY + ["--rl_steps", "1", "--out_dir", str(good)]).returncode == 0
+    bad = tmp_path / "bad.pt"
+    if kind == "truncated":
+        bad.write_bytes((good / "ckpt.pt").read_bytes()[:3000])
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.ones(2)}}, bad)
+    elif kind == "pickle":
+        torch.save({"model": Exploit()}, bad, _use_new_zipfile_serialization=True)
+    else:
+        bad.write_text("not a checkpoint")
+    p = run_script(TINY + ["--out_dir", str(tmp_path / "o"), "--resume", str(bad)], timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and "checkpoint" in lines[0], p.stderr
+    assert not os.path.exists(os.path.join(HERE, "PWNED"))
+
+
+def test_resume_with_other_model_flags_is_refused_in_one_line(tmp_path):
+    out = str(tmp_path / "run")
+    assert run_script(TINY + ["--rl_steps", "1", "--out_dir", out]).returncode == 0
+    flags = [f if f != "32" else "48" for f in TINY]  # --n_embd 48
+    p = run_script(flags + ["--out_dir", out, "--resume", os.path.join(out, "ckpt.pt")], timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and "differs" in lines[0]
+
+
+def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path):
+    tiny = TINY + ["--sft_until", "0", "--eval_every", "1"]
+    one, nan = str(tmp_path / "one"), str(tmp_path / "nan")
+    assert run_script(tiny + ["--rl_steps", "1", "--out_dir", one]).returncode == 0
+    # steps 2 and 3 are poisoned: skipped, weights untouched; the run goes on while under the limit
+    p = run_script(tiny + ["--rl_steps", "3", "--debug_nan_at", "1", "--max_bad_steps", "5", "--out_dir", nan])
+    assert p.returncode == 0, p.stderr
+    assert [r["skipped"] for r in read_log(nan) if r["phase"] == "rl"] == [0, 2, 2]  # 2 mini-batches each
+    a = torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(nan, "ckpt.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the skipped updates changed nothing
+    # past --max_bad_steps in a row: one line, non-zero exit, the last checkpoint still loadable
+    p = run_script(tiny + ["--rl_steps", "8", "--debug_nan_at", "1", "--max_bad_steps", "2", "--out_dir", nan])
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and "non-finite" in lines[0]
+    assert torch.load(os.path.join(nan, "ckpt.pt"), weights_only=True)["step"] == 3
+
+
+def test_sigint_finishes_the_step_saves_and_exits_cleanly(tmp_path):
+    import signal
+    import time
+    out = str(tmp_path / "run")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sdpg.py")] + TINY + [
+        "--rl_steps", "100000", "--eval_every", "0", "--out_dir", out], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env)
+    log_path = os.path.join(out, "log.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and not (os.path.exists(log_path) and '"phase": "rl"' in open(log_path).read()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    assert "stopped after step" in stdout
+    last = [r for r in read_log(out) if r["phase"] == "rl"][-1]["step"]
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == last < 100000
+
+
+DDP_SCRIPT = r'''
+import os, sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, sys.argv[1])
+import sdpg, test_sdpg
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = test_sdpg.tiny_gpt(torch.float64)
+args = sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "positive"])
+# rank 0: 3 rollouts of 4 tokens, positive advantages; rank 1: 3 rollouts of 7 tokens, none positive,
+# so the ranks differ in response length and in gated tokens
+batches = []
+for r, (n_tok, sign) in enumerate([(4, 1.0), (7, -1.0)]):
+    mb = test_sdpg.fixed_rollouts(model, 3, seed=10 + r)
+    mb = {k: (v.double() if v.is_floating_point() else v) for k, v in mb.items()}
+    mb = {k: (v[:, :n_tok] if v.dim() >= 2 and k != "student" else v) for k, v in mb.items()}
+    mb["adv"] = sign * mb["adv"].abs()
+    batches.append(mb)
+# reference: one process holding both batches, token-mean over all their tokens
+n_all = sum(b["mask"].sum().item() for b in batches)
+model.zero_grad()
+sum(sdpg.minibatch_loss(model, model.lm_head_weight, b, args, 0.3, n_all, 1)[0] for b in batches).backward()
+ref = torch.cat([p.grad.flatten() for p in model.parameters()])
+# two ranks under DDP, each with its own batch, through the same calls as the training loop
+model.zero_grad()
+ddp = DDP(model)
+mine = batches[rank]
+n_global = sdpg.all_sum(mine["mask"].sum().clone()).item()
+loss, _ = sdpg.minibatch_loss(ddp, model.lm_head_weight, mine, args, 0.3, n_global, 2)
+loss.backward()
+got = torch.cat([p.grad.flatten() for p in model.parameters()])
+torch.testing.assert_close(got, ref)
+print(f"rank {rank} OK", flush=True)
+del ddp
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+def test_ddp_two_processes_with_uneven_lengths_and_gates_match_one_process(tmp_path):
+    script = tmp_path / "ddp_uneven.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), HERE], capture_output=True, text=True, timeout=120, env=env, cwd=HERE)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rank 0 OK" in p.stdout and "rank 1 OK" in p.stdout
+
+
+def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monkeypatch):
+    """Run sdpg.py in this process with spies on the model: every batch given to generate() (rollouts
+    and the student side of evaluation) and every pi_old / pi_ref scoring prompt is hint-free; the hint
+    appears only in teacher prompts, which are exactly c + the student prompt."""
+    import runpy
+    import signal
+    hint = ENC.encode_single_token(data.HINT)
+    calls = {"generate": [], "score": []}
+    orig_generate, orig_score = GPT.generate, GPT.score
+
+    def generate(self, prompts, max_new_tokens, eot, num_samples=1, *a, **k):
+        calls["generate"].append((prompts.clone(), num_samples))
+        return orig_generate(self, prompts, max_new_tokens, eot, num_samples, *a, **k)
+
+    def score(self, prompts, *a, **k):
+        calls["score"].append(prompts.clone())
+        return orig_score(self, prompts, *a, **k)
+
+    monkeypatch.setattr(GPT, "generate", generate)
+    monkeypatch.setattr(GPT, "score", score)
+    monkeypatch.setattr(sys, "argv", ["sdpg.py"] + TINY + ["--out_dir", str(tmp_path / "run")])
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        runpy.run_path(os.path.join(HERE, "sdpg.py"), run_name="__main__")
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    steps, G, minibatches = 3, 4, 2  # TINY's --rl_steps, --group_size, and the default --num_minibatches
+    rollouts = [p for p, n in calls["generate"] if n == G]
+    assert len(rollouts) == steps and all(not (p == hint).any() for p in rollouts)  # rollouts: student view
+    student_scores = [p for p in calls["score"] if not (p == hint).any()]
+    teacher_scores = [p for p in calls["score"] if (p == hint).any()]
+    assert len(student_scores) == 2 * steps  # pi_old and pi_ref, from x alone
+    assert len(teacher_scores) == minibatches * steps  # the teacher, once per mini-batch
+    student_rows = {tuple(r.tolist()) for p in rollouts for r in p}
+    for p in teacher_scores:  # every teacher prompt is <hint> answer <hint> + a rollout prompt x
+        assert (p[:, 0] == hint).all() and (p[:, 4] == hint).all() and not (p[:, 5:] == hint).any()
+        assert all(tuple(r[5:].tolist()) in student_rows for r in p)
