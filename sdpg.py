@@ -68,6 +68,8 @@ parser.add_argument("--out_dir", type=str, default="out", help="sft.pt, ckpt.pt 
 parser.add_argument("--resume", type=str, default="", help="continue RL from this ckpt.pt")
 parser.add_argument("--eval_every", type=int, default=50, help="RL steps between evaluations (0: start and end only)")
 parser.add_argument("--eval_size", type=int, default=1000, help="held-out problems per evaluation")
+parser.add_argument("--eval_samples", type=int, default=4, help="temperature-1 samples per held-out problem for "
+                    "mean@n and pass@k (0: greedy only)")
 parser.add_argument("--seed", type=int, default=0, help="seeds model init, data and sampling")
 parser.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
@@ -105,6 +107,8 @@ parser.add_argument("--beta_warmup", type=int, default=0, help="T_warm: steps of
 parser.add_argument("--beta_decay", type=int, default=0, help="T_decay: final steps of linear beta decay (0: off)")
 parser.add_argument("--opd_gate", type=str, default="positive", choices=["positive", "all"], help="distil on A>0 rollouts or all")
 parser.add_argument("--alpha", type=float, default=1e-3, help="weight of the reference penalty")
+parser.add_argument("--diag_every", type=int, default=20, help="RL steps between loss diagnostics: per-term gradient "
+                    "norms, KL estimators vs exact (0: off)")
 parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many RL steps in a row with a "
                     "non-finite loss or gradient (each such update is skipped)")
 parser.add_argument("--debug_nan_at", type=int, default=-1, help="testing aid: poison the loss from this RL step on")
@@ -138,6 +142,7 @@ def validate(args):
         (args.sft_batch >= 1 and args.prompts_per_step >= 1 and args.num_minibatches >= 1, "batch sizes must be >= 1"),
         (args.kl_chunk >= 0, "--kl_chunk must be >= 0"),
         (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
+        (args.diag_every >= 0 and args.eval_samples >= 0, "--diag_every and --eval_samples must be >= 0"),
         (min(args.n_layer, args.n_head, args.n_embd) >= 1 and args.n_embd % args.n_head == 0, "--n_embd must be a positive multiple of --n_head"),
         (1 <= args.digits <= 6, "--digits must be in [1, 6]"),
         (args.eval_size <= 10 ** (2 * args.digits) // 2, f"--eval_size must leave at least half of the "
@@ -336,7 +341,8 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     student; weight: the tied output matrix W (V, H). mb holds the rollouts: the student prompts,
     resp and mask (B, Tr), adv (B,), old_logp and ref_logp (B, Tr), and for sdpg the teacher's
     hidden states h_teacher (B, Tr, H), computed without gradient.
-    Returns the loss and per-token metric sums (summed over this rank's response tokens)."""
+    Returns the loss, per-token metric sums (over this rank's response tokens), and the loss split
+    into its terms {out, ref, opd} (each already weighted and normalised; they sum to the loss)."""
     T, C, W = args.temperature, args.kl_chunk, weight
     resp, m = mb["resp"], mb["mask"]
     h = response_hidden(model, mb["student"], resp).flatten(0, 1)  # (B*Tr, H), through DDP's forward
@@ -349,22 +355,69 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     adv = mb["adv"][:, None]  # (B, 1)
     l_out, clipped = clipped_surrogate(logp, old_logp, adv, args.clip_low, args.clip_high, args.dual_clip)
     l_ref = ref_penalty(logp, ref_logp, args.kl_mode)
-    per_token = l_out + args.alpha * l_ref  # (B, Tr)
+    per_token = {"out": l_out, "ref": args.alpha * l_ref}  # each (B, Tr)
     sums = {}
     if args.algo == "sdpg":
         kl = fused_reverse_kl(h, mb["h_teacher"].flatten(0, 1), W, T, C).view(resp.shape)  # (B, Tr)
         gate = (adv > 0).float() if args.opd_gate == "positive" else torch.ones_like(adv)
-        per_token = per_token + beta * gate * kl
+        per_token["opd"] = beta * gate * kl
         sums = {"loss_opd": gate * kl, "kl_teacher": kl}
     # token-mean over the global mini-batch: sum over this rank's response tokens, divided by the
     # response tokens of all ranks; times world_size because DDP averages gradients over ranks
-    loss = (per_token * m).sum() * world_size / n_tokens_global
+    terms = {k: (v * m).sum() * world_size / n_tokens_global for k, v in per_token.items()}
+    loss = sum(terms.values())
     with torch.no_grad():
         log_w = logp - ref_logp
-        sums.update({"loss": per_token, "loss_out": l_out, "loss_ref": l_ref, "kl_ref": torch.exp(-log_w) - 1 + log_w,
-                     "entropy": chunked_entropy(h, W, T, C).view(resp.shape), "clip_frac": clipped.float()})
+        sums.update({"loss": sum(per_token.values()), "loss_out": l_out, "loss_ref": l_ref,
+                     "kl_ref": torch.exp(-log_w) - 1 + log_w, "entropy": chunked_entropy(h, W, T, C).view(resp.shape),
+                     "clip_frac": clipped.float()})
         sums = {k: (v.detach() * m).sum() for k, v in sums.items()}
-    return loss, sums
+    return loss, sums, terms
+
+
+def kl_estimators(logp, logq):
+    """Sampled-token estimators of KL(p || q) from y ~ p, with log r = log p(y) - log q(y):
+    k1 = log r (unbiased, high variance, can be negative), k2 = 0.5 (log r)^2 (biased, low variance),
+    k3 = q/p - 1 - log(q/p) = exp(-log r) - 1 + log r (unbiased, >= 0). Shapes are kept."""
+    log_r = logp - logq
+    return log_r, 0.5 * log_r ** 2, torch.exp(-log_r) - 1 + log_r
+
+
+def loss_diagnostics(model, ref_model, mb, args, beta, n_tokens_global, world_size):
+    """Every --diag_every steps, on the step's first mini-batch before its update (so the rollouts
+    are exactly on-policy): the gradient norm of each loss term on its own, the cosine between the
+    outcome and distillation gradients (gradients averaged over ranks like DDP's), and for the
+    student-teacher and policy-reference pairs the exact KL next to k1, k2, k3 (mean and std over
+    the response tokens of all ranks). Uses the unwrapped model; touches no .grad."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    _, _, terms = minibatch_loss(model, model.lm_head_weight, mb, args, beta, n_tokens_global, world_size)
+    out, grads = {}, {}
+    for k, term in terms.items():
+        g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
+        grads[k] = all_sum(flat) / world_size
+        out[f"grad_norm_{k}"] = grads[k].norm().item()
+    if "opd" in grads:
+        denom = (grads["out"].norm() * grads["opd"].norm()).clamp_min(1e-30)
+        out["grad_cos_out_opd"] = (grads["out"] @ grads["opd"] / denom).item()
+    with torch.no_grad():
+        T, C, W, m, resp = args.temperature, args.kl_chunk, model.lm_head_weight, mb["mask"], mb["resp"]
+        G = args.group_size
+        h = response_hidden(model, mb["student"], resp).flatten(0, 1)
+        logp = chunked_token_logprobs(h, W, resp.flatten(), T, C)
+        pairs = {"ref": ref_model.score(mb["student"][::G], resp, G).flatten(0, 1)}
+        if "h_teacher" in mb:
+            pairs["teacher"] = mb["h_teacher"].flatten(0, 1)
+        for name, h_other in pairs.items():
+            exact = fused_reverse_kl(h, h_other, W, T, C)  # full vocabulary, as in the loss
+            logq = chunked_token_logprobs(h_other, W, resp.flatten(), T, C)
+            for est, v in zip(("exact", "k1", "k2", "k3"), (exact, *kl_estimators(logp, logq))):
+                v, w = v.view(resp.shape), m
+                s = all_sum(torch.stack([(v * w).sum(), (v * v * w).sum(), w.sum()]).double())
+                mean = (s[0] / s[2]).item()
+                out[f"{est}_{name}"] = mean
+                out[f"{est}_{name}_std"] = max(0.0, (s[1] / s[2]).item() - mean ** 2) ** 0.5
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -393,6 +446,37 @@ def evaluate(model, enc, problems, digits, rank, world_size, max_new_tokens, dev
     correct[2] = len(answers)
     s, t, n = all_sum(correct).tolist()
     return s / n, t / n
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k), the chance
+    that k samples drawn without replacement from the n contain a correct one (Chen et al. 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+@torch.no_grad()
+def sampled_eval(model, enc, problems, digits, rank, world_size, max_new_tokens, device, ctx, n, seed):
+    """n temperature-1 samples of the student view per held-out problem: mean@n (the mean accuracy
+    over all samples, the paper's metric) with a 95% interval over problems, and pass@k for
+    k = 1 and n. Sampling uses its own generator, so evaluating never moves the training streams."""
+    a, b = (p[rank::world_size] for p in problems)
+    student, _, _, answers = encode_problems(enc, a, b, digits)
+    stats = torch.zeros(5, dtype=torch.float64, device=device)  # sum acc, sum acc^2, pass@1, pass@n, problems
+    if student:
+        gen = torch.Generator(device=device).manual_seed(seed + rank)
+        with ctx:
+            resp, _ = model.generate(torch.tensor(student, device=device), max_new_tokens, enc.eot_token, n, 1.0, gen)
+        rows = resp.tolist()
+        for i, ans in enumerate(answers):
+            c = sum(reward(decode_response(enc, r), ans) for r in rows[i * n:(i + 1) * n])
+            stats += torch.tensor([c / n, (c / n) ** 2, pass_at_k(n, int(c), 1), pass_at_k(n, int(c), n), 1.0],
+                                  dtype=torch.float64, device=device)
+    s1, s2, p1, pn, N = all_sum(stats).tolist()
+    mean = s1 / N
+    half = 1.96 * math.sqrt(max(0.0, s2 / N - mean ** 2) / max(1.0, N - 1))  # normal interval over problems
+    return {f"mean@{n}": mean, f"mean@{n}_ci95": half, "pass@1": p1 / N, f"pass@{n}": pn / N}
 
 
 def sft_batch(enc, rng, n, digits, hint_frac, held_out, device):
@@ -623,8 +707,15 @@ if __name__ == "__main__":
 
     def run_eval(step):
         acc, teacher_acc = evaluate(raw_model, enc, eval_set, D, rank, world_size, args.max_new_tokens, device, ctx)
-        print0(f"eval step {step}/{args.rl_steps} | eval_acc {acc:.3f} | teacher_acc {teacher_acc:.3f}")
-        log({"phase": "eval", "step": step, "eval_acc": acc, "teacher_acc": teacher_acc})
+        sampled = {}
+        if args.eval_samples:
+            sampled = sampled_eval(raw_model, enc, eval_set, D, rank, world_size, args.max_new_tokens, device, ctx,
+                                   args.eval_samples, args.seed + 7919)
+        n = args.eval_samples
+        print0(f"eval step {step}/{args.rl_steps} | eval_acc {acc:.3f} | teacher_acc {teacher_acc:.3f}"
+               + (f" | mean@{n} {sampled[f'mean@{n}']:.3f} +- {sampled[f'mean@{n}_ci95']:.3f} | "
+                  f"pass@{n} {sampled[f'pass@{n}']:.3f}" if n else ""))
+        log({"phase": "eval", "step": step, "eval_acc": acc, "teacher_acc": teacher_acc, **sampled})
 
     def save_checkpoint(step):  # every rank calls it: each rank's random streams are gathered
         rngs = [rng_state(rl_rng, gen)]
@@ -668,7 +759,7 @@ if __name__ == "__main__":
         t_logp = now() - t0 - t_rollout
 
         # several updates per rollout batch, each on a slice of whole groups
-        sums, t_teacher, t_update, skipped = {}, 0.0, 0.0, 0
+        sums, t_teacher, t_update, skipped, diag = {}, 0.0, 0.0, 0, {}
         n_mb = P * G // args.num_minibatches  # rollouts per mini-batch on this rank
         for j in range(args.num_minibatches):
             s = slice(j * n_mb, (j + 1) * n_mb)
@@ -680,9 +771,12 @@ if __name__ == "__main__":
                     mb["h_teacher"] = raw_model.score(cx[s][::G], resp[s], G)  # (B, Tr, H), c + x run once per prompt
             t_b = now()
             n_tokens_global = all_sum(mask[s].sum()).item()  # every rank calls this, whatever its lengths
+            if j == 0 and args.diag_every and step % args.diag_every == 0:
+                with ctx:
+                    diag = loss_diagnostics(raw_model, ref_model, mb, args, beta, n_tokens_global, world_size)
             with ctx:
-                loss, mb_sums = minibatch_loss(train_model, raw_model.lm_head_weight, mb, args, beta,
-                                               n_tokens_global, world_size)
+                loss, mb_sums, _ = minibatch_loss(train_model, raw_model.lm_head_weight, mb, args, beta,
+                                                  n_tokens_global, world_size)
             if 0 <= args.debug_nan_at <= step:
                 loss = loss * float("nan")
             optimizer.zero_grad(set_to_none=True)
@@ -706,7 +800,7 @@ if __name__ == "__main__":
                **{k: v / n_tok for k, v in zip(names, totals)}, "resp_len": n_tok / n_roll, "beta": beta,
                "tok_per_s": n_tok / dt, "dt": dt,
                "dt_rollout": t_rollout, "dt_logp": t_logp, "dt_teacher": t_teacher, "dt_update": t_update,
-               "skipped": skipped}
+               "skipped": skipped, **diag}
         log(rec)
         eta = (time.time() - t_run) / (step + 1 - start_step) * (args.rl_steps - step - 1)
         opd = f"opd {rec['loss_opd']:.3f} | kl_teacher {rec['kl_teacher']:.3f} | " if args.algo == "sdpg" else ""

@@ -151,6 +151,53 @@ def test_chunked_log_probs_and_entropy_equal_the_full_logits(chunk_size):
 
 
 # -----------------------------------------------------------------------------
+# inside the loss: estimators, per-term gradients, pass@k
+
+def test_kl_estimators_expectations_by_exhaustive_enumeration():
+    """Under y ~ p, E[k1] = E[k3] = KL(p || q) exactly; E[k2] differs (it is biased)."""
+    torch.manual_seed(9)
+    zp, zq = 2 * torch.randn(7, dtype=torch.float64), 2 * torch.randn(7, dtype=torch.float64)
+    logp, logq = F.log_softmax(zp, -1), F.log_softmax(zq, -1)
+    exact = sdpg.full_vocab_reverse_kl(zp, zq)
+    k1, k2, k3 = sdpg.kl_estimators(logp, logq)  # one value per token y of the vocabulary
+    p = logp.exp()
+    assert_close((p * k1).sum(), exact)
+    assert_close((p * k3).sum(), exact)
+    assert abs((p * k2).sum() - exact) > 1e-3
+    assert (k3 >= 0).all() and (k1 < 0).any()
+
+
+def test_per_term_gradients_sum_to_the_total_gradient():
+    model = tiny_gpt(torch.float64)
+    mb = fixed_rollouts(model, 4, seed=12)
+    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
+    args = sdpg.parser.parse_args(["--alpha", "0.2", "--opd_gate", "all", "--group_size", "1"])  # one row per prompt
+    n = mb["mask"].sum().item()
+    params = list(model.parameters())
+    loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n, 1)
+    assert set(terms) == {"out", "ref", "opd"}
+    total = torch.autograd.grad(loss, params, retain_graph=True)
+    parts = [torch.autograd.grad(v, params, retain_graph=True) for v in terms.values()]
+    for i, g in enumerate(total):
+        assert_close(sum(p[i] for p in parts), g)
+    diag = sdpg.loss_diagnostics(model, model, mb, args, 0.3, n, 1)  # reference = the model itself
+    assert diag["exact_ref"] == pytest.approx(0, abs=1e-12) and diag["k1_ref"] == pytest.approx(0, abs=1e-12)
+    norm = lambda gs: torch.cat([x.flatten() for x in gs]).norm().item()
+    assert diag["grad_norm_out"] == pytest.approx(norm(parts[0]))
+    assert -1 <= diag["grad_cos_out_opd"] <= 1 and diag["exact_teacher"] > 0
+
+
+def test_pass_at_k_against_brute_force_over_subsets():
+    for n in range(1, 8):
+        for c in range(n + 1):
+            outcomes = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(range(n), k))
+                brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+                assert sdpg.pass_at_k(n, c, k) == pytest.approx(brute)
+
+
+# -----------------------------------------------------------------------------
 # advantages, surrogate, reference penalty, schedule
 
 def test_group_advantages_hand_worked_and_all_equal_group():
@@ -385,7 +432,7 @@ def fixed_rollouts(model, n, seed):
 
 def grads(model, mb, args, world_size, n_tokens_global):
     model.zero_grad()
-    loss, _ = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n_tokens_global, world_size)
+    loss, _, _ = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n_tokens_global, world_size)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -463,6 +510,11 @@ def test_smoke_run_writes_log_checkpoint_and_reuses_warm_start(tmp_path):
                 "beta", "clip_frac", "tok_per_s", "dt"]:
         assert all(math.isfinite(r[key]) for r in rl), key
     assert all(0 <= r["eval_acc"] <= 1 and 0 <= r["teacher_acc"] <= 1 for r in evals)
+    assert all(0 <= r["pass@1"] <= r["pass@4"] <= 1 and r["mean@4"] == pytest.approx(r["pass@1"]) for r in evals)
+    diag = [r for r in rl if "grad_norm_out" in r]
+    assert [r["step"] for r in diag] == [1]  # --diag_every 20: the first step
+    assert all(math.isfinite(diag[0][k]) for k in ("exact_teacher", "k1_teacher", "k2_teacher", "k3_teacher",
+                                                    "exact_ref", "grad_norm_opd", "grad_cos_out_opd"))
     assert "| reward" in p.stdout and "eval_acc" in p.stdout
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 3 and {"model", "optimizer", "ref_model", "config", "rng"} <= set(ckpt)
@@ -635,7 +687,7 @@ model.zero_grad()
 ddp = DDP(model)
 mine = batches[rank]
 n_global = sdpg.all_sum(mine["mask"].sum().clone()).item()
-loss, _ = sdpg.minibatch_loss(ddp, model.lm_head_weight, mine, args, 0.3, n_global, 2)
+loss, _, _ = sdpg.minibatch_loss(ddp, model.lm_head_weight, mine, args, 0.3, n_global, 2)
 loss.backward()
 got = torch.cat([p.grad.flatten() for p in model.parameters()])
 torch.testing.assert_close(got, ref)
@@ -676,7 +728,7 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monke
 
     monkeypatch.setattr(GPT, "generate", generate)
     monkeypatch.setattr(GPT, "score", score)
-    monkeypatch.setattr(sys, "argv", ["sdpg.py"] + TINY + ["--out_dir", str(tmp_path / "run")])
+    monkeypatch.setattr(sys, "argv", ["sdpg.py"] + TINY + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"])
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         runpy.run_path(os.path.join(HERE, "sdpg.py"), run_name="__main__")
@@ -688,9 +740,34 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monke
     assert len(rollouts) == steps and all(not (p == hint).any() for p in rollouts)  # rollouts: student view
     student_scores = [p for p in calls["score"] if not (p == hint).any()]
     teacher_scores = [p for p in calls["score"] if (p == hint).any()]
-    assert len(student_scores) == 2 * steps  # pi_old and pi_ref, from x alone
+    assert len(student_scores) == 2 * steps + 2  # pi_old and pi_ref from x alone; pi_ref in 2 diagnostics
     assert len(teacher_scores) == minibatches * steps  # the teacher, once per mini-batch
     student_rows = {tuple(r.tolist()) for p in rollouts for r in p}
     for p in teacher_scores:  # every teacher prompt is <hint> answer <hint> + a rollout prompt x
         assert (p[:, 0] == hint).all() and (p[:, 4] == hint).all() and not (p[:, 5:] == hint).any()
         assert all(tuple(r[5:].tolist()) in student_rows for r in p)
+
+
+def test_plot_draws_a_png_and_rejects_a_non_log(tmp_path):
+    pytest.importorskip("matplotlib")
+    import plot
+    out = plot.plot([os.path.join(HERE, "results", "sdpg_default_cpu.jsonl")], str(tmp_path / "curves.png"))
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="not"):
+        plot.read_log(os.path.join(HERE, "README.md"))
+
+
+def test_teacher_signal_table_matches_full_forwards():
+    import teacher_signal
+    model = tiny_gpt(torch.float64)
+    student, teacher, targets, _ = data.encode_problems(ENC, [7], [96], 2)
+    y = torch.tensor(targets[0])
+    rows = teacher_signal.signal_table(model, ENC, 7, 96, 2, y)
+    zs = sdpg.response_logits(model, torch.tensor(student), y[None])[0]  # (Tr, V)
+    zt = sdpg.response_logits(model, torch.tensor(teacher), y[None])[0]
+    assert [r[0] for r in rows] == ["3", "0", "1", "<eot>"]
+    for t, (_, p, q, kl) in enumerate(rows):
+        assert p == pytest.approx(zs[t].softmax(-1)[y[t]].item())
+        assert q == pytest.approx(zt[t].softmax(-1)[y[t]].item())
+        assert kl == pytest.approx(sdpg.full_vocab_reverse_kl(zs[t], zt[t]).item())

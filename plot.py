@@ -1,0 +1,72 @@
+"""
+Draw the curves of one or more sdpg.py logs to a PNG (needs matplotlib, which sdpg.py itself does not).
+
+    python plot.py out/log.jsonl                          # writes out/log.png
+    python plot.py out_a/log.jsonl out_b/log.jsonl --out compare.png
+
+Panels: held-out accuracy of the student and of the teacher view, rollout reward, exact KL to
+the teacher, entropy, KL to the reference, and response length, all against the RL step.
+"""
+import argparse
+import json
+import os
+import sys
+
+PANELS = [("eval", "eval_acc", "student accuracy (held-out, greedy)"),
+          ("eval", "teacher_acc", "teacher-view accuracy (held-out)"),
+          ("rl", "reward", "rollout reward"),
+          ("rl", "kl_teacher", "KL(student || teacher), nats/token"),
+          ("rl", "entropy", "student entropy, nats/token"),
+          ("rl", "kl_ref", "KL(policy || reference), k3"),
+          ("rl", "resp_len", "response length, tokens"),
+          ("rl", "loss_out", "outcome loss")]
+
+
+def read_log(path):
+    """The records of a log.jsonl; ValueError with one line if it is not one."""
+    try:
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable log.jsonl ({type(e).__name__})") from None
+    if not records or records[0].get("phase") != "config":
+        raise ValueError(f"{path}: not an sdpg.py log (no config record first)")
+    return records
+
+
+def plot(paths, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    for path in paths:
+        records = read_log(path)
+        cfg = records[0]
+        label = f"{path} ({cfg['algo']}, seed {cfg['seed']})"
+        for ax, (phase, key, title) in zip(axes.flat, PANELS):
+            pts = [(r["step"], r[key]) for r in records if r.get("phase") == phase and key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if phase == "eval" else None, ms=3, lw=1.2, label=label)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="plot sdpg.py logs")
+    p.add_argument("logs", nargs="+", help="log.jsonl files")
+    p.add_argument("--out", default="", help="PNG to write (default: beside the first log)")
+    args = p.parse_args()
+    out = args.out or os.path.splitext(args.logs[0])[0] + ".png"
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit("plot.py: error: matplotlib is not installed (pip install matplotlib); sdpg.py does not need it")
+    try:
+        print(plot(args.logs, out))
+    except ValueError as e:
+        sys.exit(f"plot.py: error: {e}")
