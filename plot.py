@@ -3,6 +3,7 @@ Draw the curves of one or more sdpg.py logs to a PNG (needs matplotlib, which sd
 
     python plot.py out/log.jsonl                          # writes out/log.png
     python plot.py out_a/log.jsonl out_b/log.jsonl --out compare.png
+    python plot.py out/log.jsonl --estimators --out estimators.png   # k1, k2, k3 vs the exact KL
 
 Panels: held-out accuracy of the student and of the teacher view, rollout reward, exact KL to
 the teacher, entropy, KL to the reference, and response length, all against the RL step.
@@ -56,10 +57,39 @@ def plot(paths, out):
     return out
 
 
+def plot_estimators(path, out):
+    """Sampled-token KL estimators k1, k2, k3 against the exact full-vocabulary KL, at the
+    diagnostic steps of one log: mean over response tokens (lines) and their spread (one std, bands)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    diag = [r for r in read_log(path) if r.get("phase") == "rl" and "exact_ref" in r]
+    if not diag:
+        raise ValueError(f"{path}: no diagnostic records (run with --diag_every > 0)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for ax, pair, title in zip(axes, ("teacher", "ref"), ("student vs privileged teacher", "policy vs reference")):
+        for est, style in (("exact", "k-"), ("k1", "C0--"), ("k2", "C1-."), ("k3", "C2:")):
+            pts = [(r["step"], r[f"{est}_{pair}"], r[f"{est}_{pair}_std"]) for r in diag if f"{est}_{pair}" in r]
+            if not pts:
+                continue
+            x, m, sd = zip(*pts)
+            ax.plot(x, m, style, lw=1.5, label=f"{est} mean")
+            if est != "exact":
+                ax.fill_between(x, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.12)
+        ax.set_title(f"KL({title}), nats/token", fontsize=10)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="plot sdpg.py logs")
     p.add_argument("logs", nargs="+", help="log.jsonl files")
     p.add_argument("--out", default="", help="PNG to write (default: beside the first log)")
+    p.add_argument("--estimators", action="store_true", help="draw the KL estimators of the first log instead")
     args = p.parse_args()
     out = args.out or os.path.splitext(args.logs[0])[0] + ".png"
     try:
@@ -67,6 +97,6 @@ if __name__ == "__main__":
     except ImportError:
         sys.exit("plot.py: error: matplotlib is not installed (pip install matplotlib); sdpg.py does not need it")
     try:
-        print(plot(args.logs, out))
+        print(plot_estimators(args.logs[0], out) if args.estimators else plot(args.logs, out))
     except ValueError as e:
         sys.exit(f"plot.py: error: {e}")

@@ -30,6 +30,11 @@ Implementation choices, each deliberate:
  6. kl_ref is logged with the k3 estimator exp(-log w) - 1 + log w >= 0 of KL(pi || pi_ref), on
     tokens sampled from pi_old (exact in the first mini-batch, slightly off-policy after it).
  7. --algo grpo drops the distillation term and skips the teacher forward (beta logged as 0).
+ 8. No (tokens, V) tensor of the whole batch is ever formed: the lm_head is applied in chunks, and
+    the exact KL's backward uses its closed form (fused_reverse_kl; full_vocab_reverse_kl is the
+    readable reference the tests hold it to). The no-grad passes (teacher, pi_old, pi_ref) run
+    each prompt once and share it among its G responses (GPT.score).
+ 9. A non-finite gradient skips the update; Ctrl-C finishes the step, saves and exits.
 
 Run:
     python sdpg.py                                  # CPU or one GPU
