@@ -250,7 +250,8 @@ def chunk_rows(chunk_size, vocab_size):
 def _log_softmax(hidden, weight, temperature):
     """log softmax(hidden @ weight.T / temperature) in fp32 at least: (n, H), (V, H) -> (n, V)."""
     dtype = torch.promote_types(hidden.dtype, torch.float32)
-    return F.log_softmax((hidden.to(dtype) @ weight.to(dtype).T) / temperature, dim=-1)
+    with torch.autocast(hidden.device.type, enabled=False):  # autocast would lower the matmul to bf16
+        return F.log_softmax((hidden.to(dtype) @ weight.to(dtype).T) / temperature, dim=-1)
 
 
 class FusedReverseKL(torch.autograd.Function):
@@ -402,9 +403,8 @@ def loss_diagnostics(model, ref_model, mb, args, beta, n_tokens_global, world_si
         flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
         grads[k] = all_sum(flat) / world_size
         out[f"grad_norm_{k}"] = grads[k].norm().item()
-    if "opd" in grads:
-        denom = (grads["out"].norm() * grads["opd"].norm()).clamp_min(1e-30)
-        out["grad_cos_out_opd"] = (grads["out"] @ grads["opd"] / denom).item()
+    if "opd" in grads and grads["opd"].norm() > 0 and grads["out"].norm() > 0:  # no cosine of a zero vector
+        out["grad_cos_out_opd"] = (grads["out"] @ grads["opd"] / (grads["out"].norm() * grads["opd"].norm())).item()
     with torch.no_grad():
         T, C, W, m, resp = args.temperature, args.kl_chunk, model.lm_head_weight, mb["mask"], mb["resp"]
         G = args.group_size
@@ -574,14 +574,16 @@ if __name__ == "__main__":
     except OSError as e:
         die(f"--out_dir {args.out_dir}: {e.strerror}")
 
-    # Ctrl-C (SIGINT) or SIGTERM: finish the current step, save, exit; a second one stops at once
-    stop_requested = [False]
+    # Ctrl-C (SIGINT) or SIGTERM: finish the current step, save, exit; another one more than 2 s
+    # later stops at once (torchrun forwards the first one again right away; it also kills its
+    # workers 30 s after its own signal, which bounds the time to finish the step and save)
+    stop_requested = [False, 0.0]  # requested, when
 
     def request_stop(signum, frame):
-        if stop_requested[0]:
+        if stop_requested[0] and time.time() - stop_requested[1] > 2:
             raise KeyboardInterrupt
-        stop_requested[0] = True
-        print0(f"{signal.Signals(signum).name}: stopping after this step (again to stop now)")
+        if not stop_requested[0]:
+            stop_requested[:] = [True, time.time()]
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -645,6 +647,10 @@ if __name__ == "__main__":
             opt.step()
             if all_sum(torch.tensor(float(stop_requested[0]), device=device)).item() > 0:
                 print0("interrupted during the warm start: nothing saved (sft.pt is written when it completes)")
+                if ddp:  # tear down as at the end of the run
+                    del train_model
+                    gc.collect()
+                    dist.destroy_process_group()
                 sys.exit(130)
             if (step + 1) % 100 == 0 or step + 1 == args.sft_steps:
                 elapsed = time.time() - t_start
@@ -825,6 +831,7 @@ if __name__ == "__main__":
             die(f"{bad_streak} RL steps in a row had a non-finite loss or gradient (updates skipped); stopping. "
                 f"The last checkpoint written is {os.path.join(args.out_dir, 'ckpt.pt')}; try a lower --lr")
         if all_sum(torch.tensor(float(stop_requested[0]), device=device)).item() > 0:  # every rank asks
+            print0("interrupted: stopping after this step")
             if not saved:
                 save_checkpoint(step + 1)
             print0(f"stopped after step {step + 1}/{args.rl_steps}; continue with "

@@ -5,7 +5,7 @@ response token by token with p(token) under the student view, q(token) under the
 per-token signal the SDPG distillation term trains on.
 
     python teacher_signal.py out/ckpt.pt 7 96              # greedy response to 07+96=
-    python teacher_signal.py out/ckpt.pt 7 96 --sample 3   # three temperature-1 samples
+    python teacher_signal.py out/ckpt.pt 7 96 --sample 3   # three samples at the run's temperature
 """
 import argparse
 import sys
@@ -17,7 +17,7 @@ from data import decode_response, encode_problems, get_encoding, reward
 from model import GPT, GPTConfig
 
 
-def signal_table(model, enc, a, b, digits, resp):
+def signal_table(model, enc, a, b, digits, resp, temperature=1.0):
     """Rows (token text, p, q, KL) for each response token of resp (Tr,) up to its end-of-text."""
     student, teacher, _, _ = encode_problems(enc, [a], [b], digits)
     x, cx, y = torch.tensor(student), torch.tensor(teacher), resp[None]
@@ -25,9 +25,9 @@ def signal_table(model, enc, a, b, digits, resp):
     with torch.no_grad():
         hs = model.score(x, y).flatten(0, 1)  # (Tr, H), the student view
         ht = model.score(cx, y).flatten(0, 1)  # the teacher view, same tokens
-        logp = sdpg.chunked_token_logprobs(hs, W, y.flatten())
-        logq = sdpg.chunked_token_logprobs(ht, W, y.flatten())
-        kl = sdpg.fused_reverse_kl(hs, ht, W)
+        logp = sdpg.chunked_token_logprobs(hs, W, y.flatten(), temperature)  # the policy is softmax(z / T)
+        logq = sdpg.chunked_token_logprobs(ht, W, y.flatten(), temperature)
+        kl = sdpg.fused_reverse_kl(hs, ht, W, temperature)
     rows = []
     for t, tok in enumerate(y.flatten().tolist()):
         text = "<eot>" if tok == enc.eot_token else repr(enc.decode([tok]))[1:-1]
@@ -42,12 +42,12 @@ if __name__ == "__main__":
     p.add_argument("ckpt", help="a ckpt.pt (or sft.pt) written by sdpg.py")
     p.add_argument("a", type=int)
     p.add_argument("b", type=int)
-    p.add_argument("--sample", type=int, default=0, help="temperature-1 samples instead of the greedy response")
+    p.add_argument("--sample", type=int, default=0, help="samples at the run's temperature instead of the greedy response")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     try:
         ckpt = sdpg.load_checkpoint(args.ckpt, "cpu", ("model", "model_args"))
-        cfg = ckpt.get("config") or {}
+        cfg = ckpt.get("config") or ckpt.get("key") or {}  # ckpt.pt has the run's config, sft.pt its warm-start key
         enc = get_encoding(cfg.get("tokenizer", "bytes"))
     except ValueError as e:
         sys.exit(f"teacher_signal.py: error: {e}")
@@ -59,13 +59,14 @@ if __name__ == "__main__":
     model.eval()
     student, _, _, answers = encode_problems(enc, [args.a], [args.b], digits)
     max_new = cfg.get("max_new_tokens", digits + 3)
+    T = cfg.get("temperature", 1.0)
     gen = torch.Generator().manual_seed(args.seed)
     resp, _ = model.generate(torch.tensor(student), max_new, enc.eot_token, max(1, args.sample),
-                             1.0 if args.sample else 0, gen)
+                             T if args.sample else 0, gen)
     print(f"problem {enc.decode(student[0])}  answer {answers[0]}  (checkpoint step {ckpt.get('step', 'warm start')})")
     for r in resp:
         text = decode_response(enc, r.tolist())
         print(f"\nresponse {text!r}: reward {reward(text, answers[0]):.0f}")
         print(f"{'token':>8} {'p (student)':>12} {'q (teacher)':>12} {'KL(p||q)':>10}")
-        for tok, pt, qt, kl in signal_table(model, enc, args.a, args.b, digits, r):
+        for tok, pt, qt, kl in signal_table(model, enc, args.a, args.b, digits, r, T):
             print(f"{tok:>8} {pt:12.4f} {qt:12.4f} {kl:10.4f}")
