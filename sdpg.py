@@ -222,19 +222,19 @@ def beta_schedule(step, total_steps, beta, warmup, decay):
     return beta * up * down
 
 
-def token_logprobs(logits, tokens):
-    """log softmax(logits)[tokens]: (B, T, V), (B, T) -> (B, T), in fp32 at least."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return torch.gather(F.log_softmax(logits, -1), -1, tokens[..., None]).squeeze(-1)
-
-
-def response_logits(model, prompt, resp, return_hidden=False):
-    """Logits (B, Tr, V) that predict each response token, for either view: on the sequence
-    prompt + resp, position Tp - 1 + t predicts resp[:, t]. The student passes x as prompt and
-    the teacher c + x; only this offset differs, so both score the same tokens.
-    With return_hidden, the final hidden states (B, Tr, H) at those positions instead."""
+def response_hidden(model, prompt, resp):
+    """Final hidden states (B, Tr, H) at the positions that predict each response token, for
+    either view: on the sequence prompt + resp, position Tp - 1 + t predicts resp[:, t]. The
+    student passes x as prompt and the teacher c + x; only this offset differs, so both score the
+    same tokens. model may be DDP-wrapped (the call goes through its forward)."""
     seq = torch.cat([prompt, resp[:, :-1]], dim=1)  # (B, Tp + Tr - 1)
-    return model(seq, return_hidden=return_hidden)[:, prompt.size(1) - 1:]
+    return model(seq, return_hidden=True)[:, prompt.size(1) - 1:]
+
+
+def response_logits(model, prompt, resp):
+    """The logits (B, Tr, V) at those positions: the readable, memory-hungry form, for tests and
+    tools; training applies the head in chunks instead."""
+    return response_hidden(model, prompt, resp) @ model.lm_head_weight.T
 
 
 # The lm_head in chunks: the training loss needs, per response token, the log-prob of the sampled
@@ -335,10 +335,6 @@ def sampled_logprobs(model, prompts, resp, group_size, temperature, chunk_size):
     return chunked_token_logprobs(h.flatten(0, 1), model.lm_head_weight, resp.flatten(), temperature,
                                   chunk_size).view(resp.shape)
 
-
-def response_hidden(model, prompt, resp):
-    """Final hidden states (B, Tr, H) at the positions that predict the response tokens."""
-    return response_logits(model, prompt, resp, return_hidden=True)
 
 
 def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):

@@ -422,7 +422,8 @@ def fixed_rollouts(model, n, seed):
     for i, length in enumerate(torch.randint(1, 7, (n,)).tolist()):  # uneven response lengths
         mask[i, :length] = 1
     with torch.no_grad():
-        old = sdpg.token_logprobs(sdpg.response_logits(model, x, resp), resp) + 0.1 * torch.randn(n, 6)
+        logp = torch.log_softmax(sdpg.response_logits(model, x, resp), -1).gather(-1, resp[..., None])[..., 0]
+        old = logp + 0.1 * torch.randn(n, 6)
         ref = old + 0.2 * torch.randn(n, 6)
         h_teacher = sdpg.response_hidden(model, cx, resp)  # (n, 6, H), as the loop computes it
     adv = torch.randn(n)
