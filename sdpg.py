@@ -464,17 +464,17 @@ def sampled_eval(model, enc, problems, digits, rank, world_size, max_new_tokens,
     k = 1 and n. Sampling uses its own generator, so evaluating never moves the training streams."""
     a, b = (p[rank::world_size] for p in problems)
     student, _, _, answers = encode_problems(enc, a, b, digits)
-    stats = torch.zeros(5, dtype=torch.float64, device=device)  # sum acc, sum acc^2, pass@1, pass@n, problems
+    stats = [0.0] * 5  # sum acc, sum acc^2, pass@1, pass@n, problems
     if student:
         gen = torch.Generator(device=device).manual_seed(seed + rank)
         with ctx:
             resp, _ = model.generate(torch.tensor(student, device=device), max_new_tokens, enc.eot_token, n, 1.0, gen)
         rows = resp.tolist()
         for i, ans in enumerate(answers):
-            c = sum(reward(decode_response(enc, r), ans) for r in rows[i * n:(i + 1) * n])
-            stats += torch.tensor([c / n, (c / n) ** 2, pass_at_k(n, int(c), 1), pass_at_k(n, int(c), n), 1.0],
-                                  dtype=torch.float64, device=device)
-    s1, s2, p1, pn, N = all_sum(stats).tolist()
+            c = int(sum(reward(decode_response(enc, r), ans) for r in rows[i * n:(i + 1) * n]))
+            for j, v in enumerate((c / n, (c / n) ** 2, pass_at_k(n, c, 1), pass_at_k(n, c, n), 1.0)):
+                stats[j] += v
+    s1, s2, p1, pn, N = all_sum(torch.tensor(stats, dtype=torch.float64, device=device)).tolist()
     mean = s1 / N
     half = 1.96 * math.sqrt(max(0.0, s2 / N - mean ** 2) / max(1.0, N - 1))  # normal interval over problems
     return {f"mean@{n}": mean, f"mean@{n}_ci95": half, "pass@1": p1 / N, f"pass@{n}": pn / N}
