@@ -824,8 +824,10 @@ if __name__ == "__main__":
             save_checkpoint(step + 1)
         bad_streak = bad_streak + 1 if skipped else 0
         if bad_streak >= args.max_bad_steps:
-            die(f"{bad_streak} RL steps in a row had a non-finite loss or gradient (updates skipped); stopping. "
-                f"The last checkpoint written is {os.path.join(args.out_dir, 'ckpt.pt')}; try a lower --lr")
+            ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+            kept = f"the last checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
+            die(f"{bad_streak} RL steps in a row had a non-finite loss or gradient (updates skipped); stopping; "
+                f"{kept}; try a lower --lr")
         if all_sum(torch.tensor(float(stop_requested[0]), device=device)).item() > 0:  # every rank asks
             print0("interrupted: stopping after this step")
             if not saved:
