@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import sdpg
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, chunk_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -104,7 +104,7 @@ def kl_error(N, H, V, chunk, device):
 
 def bench_kl(args, device):
     N, H, V = args.tokens, args.hidden, args.vocab
-    args.chunk = sdpg.chunk_rows(args.chunk, V)
+    args.chunk = chunk_rows(args.chunk, V)
     print(f"\n## 1. exact reverse KL, N = {N} tokens, H = {H}, V = {V}, forward + backward ({device})\n")
     rows = {}
     for impl in ("naive", "fused"):
@@ -205,7 +205,7 @@ if __name__ == "__main__":
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--vocab", type=int, default=50304)
-    p.add_argument("--chunk", type=int, default=0, help="rows per chunk (0: sdpg.chunk_rows)")
+    p.add_argument("--chunk", type=int, default=0, help="rows per chunk (0: chunk_rows)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=40, help="RL steps per run in part 3")
     p.add_argument("--rounds", type=int, default=3, help="runs per algo in part 3, alternating")

@@ -1,7 +1,10 @@
 """
 A compact GPT: pre-LayerNorm blocks, causal self-attention through
 F.scaled_dot_product_attention, learned positions, output head tied to the token
-embedding. Batched sampling with a KV cache for rollouts and evaluation.
+embedding. Batched sampling with a KV cache for rollouts and evaluation, shared-prefix
+scoring for the no-grad passes, and the output head applied in chunks for the training loss
+(log-probs, entropy and the exact reverse KL with its closed-form backward), so that no
+(tokens, vocab) tensor of a whole batch is ever formed.
 """
 import math
 from dataclasses import dataclass
@@ -9,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -168,3 +172,94 @@ class GPT(nn.Module):
                 break
             h = self.hidden(nxt[:, None], caches)
         return torch.stack(tokens, 1), torch.stack(mask, 1).float()
+
+
+# -----------------------------------------------------------------------------
+# The lm_head in chunks: the training loss needs, per response token, the log-prob of the sampled
+# token, the entropy and the exact KL over the whole vocabulary, but never the (N, V) logits of all
+# N tokens at once (with V = 50k and N = 4k, one such fp32 tensor is 0.8 GB).
+
+def chunk_rows(chunk_size, vocab_size):
+    """Rows per lm_head chunk: chunk_size, or for 0 about 24 MB of fp32 logits per chunk (119 rows at
+    V = 50304; every row at once at V = 258). Larger chunks were slower on CPU (see bench.py)."""
+    return chunk_size or max(1, 6_000_000 // vocab_size)
+
+
+def _log_softmax(hidden, weight, temperature):
+    """log softmax(hidden @ weight.T / temperature) in fp32 at least: (n, H), (V, H) -> (n, V)."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):  # autocast would lower the matmul to bf16
+        return F.log_softmax((hidden.to(dtype) @ weight.to(dtype).T) / temperature, dim=-1)
+
+
+class FusedReverseKL(torch.autograd.Function):
+    """KL(p || SG q) per row, p = softmax(hs @ W.T / T), q = softmax(ht @ W.T / T), chunk by chunk.
+    Backward recomputes each chunk and applies the closed form dKL/dz = p (log p - log q - KL)
+    (z the student's scaled logits), so at most one (chunk, V) block is alive at a time."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, hs, ht, weight, temperature, chunk_size):
+        kl = torch.empty(hs.size(0), dtype=torch.promote_types(hs.dtype, torch.float32), device=hs.device)
+        for i in range(0, hs.size(0), chunk_size):
+            logp = _log_softmax(hs[i:i + chunk_size], weight, temperature)
+            logq = _log_softmax(ht[i:i + chunk_size], weight, temperature)
+            kl[i:i + chunk_size] = (logp.exp() * (logp - logq)).sum(-1)
+        # a single chunk keeps dKL/dz for backward (it is the one block anyway); several recompute it
+        ctx.dkl_dz = logp.exp() * (logp - logq - kl[:, None]) if hs.size(0) <= chunk_size else None
+        ctx.save_for_backward(hs, ht, weight, kl)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        return kl
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_kl):
+        hs, ht, weight, kl = ctx.saved_tensors
+        T, C = ctx.temperature, ctx.chunk_size
+        grad_hs, grad_w = torch.zeros_like(hs), torch.zeros_like(weight)
+        for i in range(0, hs.size(0), C):
+            if ctx.dkl_dz is not None:
+                dkl_dz = ctx.dkl_dz
+            else:
+                logp = _log_softmax(hs[i:i + C], weight, T)
+                logq = _log_softmax(ht[i:i + C], weight, T)
+                dkl_dz = logp.exp() * (logp - logq - kl[i:i + C, None])  # the closed form p (log p - log q - KL)
+            g = grad_kl[i:i + C, None] * dkl_dz / T  # (chunk, V); the 1/T from z = h W^T / T
+            grad_hs[i:i + C] = (g @ weight.to(g.dtype)).to(hs.dtype)
+            grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(weight.dtype)
+        ctx.dkl_dz = None
+        return grad_hs, None, grad_w, None, None  # no gradient to the teacher
+
+
+def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, chunk_size=0):
+    """Per-token KL( softmax(student_hidden @ weight.T / T) || SG softmax(teacher_hidden @ weight.T / T) ),
+    (N, H), (N, H), (V, H) -> (N,), never materialising an (N, V) tensor. Gradients reach
+    student_hidden and weight through the student side only. Equals full_vocab_reverse_kl on the logits."""
+    chunk_size = chunk_rows(chunk_size, weight.size(0))
+    return FusedReverseKL.apply(student_hidden, teacher_hidden.detach(), weight, temperature, chunk_size)
+
+
+def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=0):
+    """log softmax(hidden @ weight.T / T)[tokens] chunk by chunk: (N, H), (V, H), (N,) -> (N,).
+    With grad enabled each chunk is checkpointed, its logits recomputed in backward, never stored."""
+    def chunk_logp(h, t):
+        return torch.gather(_log_softmax(h, weight, temperature), -1, t[:, None]).squeeze(-1)
+    chunk_size = chunk_rows(chunk_size, weight.size(0))
+    if hidden.size(0) <= chunk_size:  # one chunk: nothing to save by recomputing
+        return chunk_logp(hidden, tokens)
+    out = []
+    for i in range(0, hidden.size(0), chunk_size):
+        h, t = hidden[i:i + chunk_size], tokens[i:i + chunk_size]
+        out.append(checkpoint(chunk_logp, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_logp(h, t))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def chunked_entropy(hidden, weight, temperature=1.0, chunk_size=0):
+    """Exact entropy -sum_a p(a) log p(a) per row, chunk by chunk: (N, H), (V, H) -> (N,)."""
+    chunk_size = chunk_rows(chunk_size, weight.size(0))
+    out = []
+    for i in range(0, hidden.size(0), chunk_size):
+        logp = _log_softmax(hidden[i:i + chunk_size], weight, temperature)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out)
