@@ -26,13 +26,16 @@ Implementation choices, each deliberate:
     clamps the per-token KL at 20 and keeps the teacher in bf16; here it is exact fp32. At the
     default temperature 1 in fp32 these differences vanish.
  5. The gate defaults to on (--opd_gate positive, the paper's loss); --opd_gate all is the
-    official scripts' default. No DAPO dynamic sampling (the released code never reads it).
+    official scripts' default. DAPO dynamic sampling is off unless --filter_groups (the official
+    scripts set it, but the released code never reads the setting).
  6. kl_ref is logged with the k3 estimator exp(-log w) - 1 + log w >= 0 of KL(pi || pi_ref), on
     tokens sampled from pi_old (exact in the first mini-batch, slightly off-policy after it).
- 7. --algo grpo drops the distillation term and skips the teacher forward (beta logged as 0).
+ 7. Baselines: --algo grpo drops the distillation term and skips the teacher forward (beta logged
+    as 0); rlsd uses the teacher only to reweight the advantage per token (rlsd_advantages); opd
+    keeps the distillation term, ungated, and drops the verifier term.
  8. No (tokens, V) tensor of the whole batch is ever formed: the lm_head is applied in chunks, and
-    the exact KL's backward uses its closed form (fused_reverse_kl; full_vocab_reverse_kl is the
-    readable reference the tests hold it to). The no-grad passes (teacher, pi_old, pi_ref) run
+    the exact KL's backward uses its closed form (fused_reverse_kl in model.py;
+    full_vocab_reverse_kl here is the readable reference the tests hold it to). The no-grad passes (teacher, pi_old, pi_ref) run
     each prompt once and share it among its G responses (GPT.score).
  9. A non-finite gradient skips the update; Ctrl-C finishes the step, saves and exits.
 
@@ -58,11 +61,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint
 
 from data import (decode_response, encode_problems, eval_problems, get_encoding,
                   reward, sample_problems)
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, chunked_entropy, chunked_token_logprobs, fused_reverse_kl
 
 # -----------------------------------------------------------------------------
 # config: every default in one place; each is a flag of the same name
@@ -95,7 +97,8 @@ parser.add_argument("--sft_until", type=float, default=0.2, help="end the warm s
                     "fraction of a validation set (0: run all --sft_steps)")
 # stage 2: RL
 parser.add_argument("--rl_steps", type=int, default=300, help="RL steps (rollout batches)")
-parser.add_argument("--algo", type=str, default="sdpg", choices=["sdpg", "grpo"], help="grpo: no distillation term")
+parser.add_argument("--algo", type=str, default="sdpg", choices=["sdpg", "grpo", "rlsd", "opd"], help="grpo: no "
+                    "distillation term; rlsd: the teacher reweights the advantage instead; opd: distillation alone")
 parser.add_argument("--prompts_per_step", type=int, default=32, help="prompts per rollout batch, all ranks together")
 parser.add_argument("--group_size", type=int, default=8, help="G, responses sampled per prompt")
 parser.add_argument("--num_minibatches", type=int, default=2, help="optimizer updates per rollout batch")
@@ -111,6 +114,16 @@ parser.add_argument("--beta", type=float, default=0.05, help="weight of the self
 parser.add_argument("--beta_warmup", type=int, default=0, help="T_warm: steps of linear beta warm-up (0: off)")
 parser.add_argument("--beta_decay", type=int, default=0, help="T_decay: final steps of linear beta decay (0: off)")
 parser.add_argument("--opd_gate", type=str, default="positive", choices=["positive", "all"], help="distil on A>0 rollouts or all")
+parser.add_argument("--teacher", type=str, default="current", choices=["current", "frozen"], help="weights of the "
+                    "teacher view: current (the model being trained, as the paper) or frozen (pi_ref, the warm start)")
+parser.add_argument("--rlsd_lambda", type=float, default=0.5, help="RLSD: initial mixing weight lambda of the "
+                    "teacher-reweighted advantage")
+parser.add_argument("--rlsd_decay", type=int, default=50, help="RLSD: lambda decays linearly to 0 over these steps (0: constant)")
+parser.add_argument("--rlsd_clip", type=float, default=0.2, help="RLSD: the token weight is clipped to [1 - this, 1 + this]")
+parser.add_argument("--filter_groups", action="store_true", help="DAPO dynamic sampling: drop groups whose rewards are "
+                    "all equal and sample more prompts in their place")
+parser.add_argument("--max_gen_batches", type=int, default=10, help="with --filter_groups: most rollout batches per step; "
+                    "if still short, the batch is filled with dropped groups")
 parser.add_argument("--alpha", type=float, default=1e-3, help="weight of the reference penalty")
 parser.add_argument("--diag_every", type=int, default=20, help="RL steps between loss diagnostics: per-term gradient "
                     "norms, KL estimators vs exact (0: off)")
@@ -147,6 +160,9 @@ def validate(args):
         (args.sft_batch >= 1 and args.prompts_per_step >= 1 and args.num_minibatches >= 1, "batch sizes must be >= 1"),
         (args.kl_chunk >= 0, "--kl_chunk must be >= 0"),
         (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
+        (0 <= args.rlsd_lambda <= 1 and args.rlsd_decay >= 0 and 0 <= args.rlsd_clip < 1,
+         "--rlsd_lambda must be in [0, 1], --rlsd_decay >= 0 and --rlsd_clip in [0, 1)"),
+        (args.max_gen_batches >= 1, "--max_gen_batches must be >= 1"),
         (args.diag_every >= 0 and args.eval_samples >= 0, "--diag_every and --eval_samples must be >= 0"),
         (min(args.n_layer, args.n_head, args.n_embd) >= 1 and args.n_embd % args.n_head == 0, "--n_embd must be a positive multiple of --n_head"),
         (1 <= args.digits <= 6, "--digits must be in [1, 6]"),
@@ -172,6 +188,23 @@ def group_advantages(rewards, group_size, eps=1e-6):
     A group whose rewards are all equal gets A = 0: it carries no signal."""
     r = rewards.view(-1, group_size)  # (N, G)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def group_has_signal(rewards, group_size):
+    """True for each group whose rewards are not all equal, the only groups with A != 0.
+    (N*G,) -> (N,) bool. DAPO's dynamic sampling (--filter_groups) keeps only these."""
+    r = rewards.view(-1, group_size)
+    return r.amax(1) != r.amin(1)
+
+
+def rlsd_advantages(adv, teacher_logp, old_logp, lam, clip=0.2):
+    """RLSD (arXiv 2604.03128): no distillation loss; the teacher reweights the advantage per token.
+    delta_t = SG(log q_t(y_t) - log pi_old(y_t)),  w_t = clip(exp(sign(A) delta_t), 1 - clip, 1 + clip),
+    A_t = (1 - lam) A + lam A w_t: a correct rollout's tokens the teacher favours, and a wrong one's
+    tokens it disfavours, weigh up to 1 + clip. adv (B,), teacher_logp, old_logp (B, Tr) -> (B, Tr)."""
+    a = adv[:, None]
+    w = torch.clamp(torch.exp(torch.sign(a) * (teacher_logp - old_logp).detach()), 1 - clip, 1 + clip)
+    return (1 - lam) * a + lam * a * w
 
 
 def clipped_surrogate(logp, old_logp, adv, clip_low=0.2, clip_high=0.28, dual_clip=10.0):
@@ -237,96 +270,6 @@ def response_logits(model, prompt, resp):
     return response_hidden(model, prompt, resp) @ model.lm_head_weight.T
 
 
-# The lm_head in chunks: the training loss needs, per response token, the log-prob of the sampled
-# token, the entropy and the exact KL over the whole vocabulary, but never the (N, V) logits of all
-# N tokens at once (with V = 50k and N = 4k, one such fp32 tensor is 0.8 GB).
-
-def chunk_rows(chunk_size, vocab_size):
-    """Rows per lm_head chunk: chunk_size, or for 0 about 24 MB of fp32 logits per chunk (119 rows at
-    V = 50304; every row at once at V = 258). Larger chunks were slower on CPU (see bench.py)."""
-    return chunk_size or max(1, 6_000_000 // vocab_size)
-
-
-def _log_softmax(hidden, weight, temperature):
-    """log softmax(hidden @ weight.T / temperature) in fp32 at least: (n, H), (V, H) -> (n, V)."""
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    with torch.autocast(hidden.device.type, enabled=False):  # autocast would lower the matmul to bf16
-        return F.log_softmax((hidden.to(dtype) @ weight.to(dtype).T) / temperature, dim=-1)
-
-
-class FusedReverseKL(torch.autograd.Function):
-    """KL(p || SG q) per row, p = softmax(hs @ W.T / T), q = softmax(ht @ W.T / T), chunk by chunk.
-    Backward recomputes each chunk and applies the closed form dKL/dz = p (log p - log q - KL)
-    (z the student's scaled logits), so at most one (chunk, V) block is alive at a time."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, hs, ht, weight, temperature, chunk_size):
-        kl = torch.empty(hs.size(0), dtype=torch.promote_types(hs.dtype, torch.float32), device=hs.device)
-        for i in range(0, hs.size(0), chunk_size):
-            logp = _log_softmax(hs[i:i + chunk_size], weight, temperature)
-            logq = _log_softmax(ht[i:i + chunk_size], weight, temperature)
-            kl[i:i + chunk_size] = (logp.exp() * (logp - logq)).sum(-1)
-        # a single chunk keeps dKL/dz for backward (it is the one block anyway); several recompute it
-        ctx.dkl_dz = logp.exp() * (logp - logq - kl[:, None]) if hs.size(0) <= chunk_size else None
-        ctx.save_for_backward(hs, ht, weight, kl)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return kl
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_kl):
-        hs, ht, weight, kl = ctx.saved_tensors
-        T, C = ctx.temperature, ctx.chunk_size
-        grad_hs, grad_w = torch.zeros_like(hs), torch.zeros_like(weight)
-        for i in range(0, hs.size(0), C):
-            if ctx.dkl_dz is not None:
-                dkl_dz = ctx.dkl_dz
-            else:
-                logp = _log_softmax(hs[i:i + C], weight, T)
-                logq = _log_softmax(ht[i:i + C], weight, T)
-                dkl_dz = logp.exp() * (logp - logq - kl[i:i + C, None])  # the closed form p (log p - log q - KL)
-            g = grad_kl[i:i + C, None] * dkl_dz / T  # (chunk, V); the 1/T from z = h W^T / T
-            grad_hs[i:i + C] = (g @ weight.to(g.dtype)).to(hs.dtype)
-            grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(weight.dtype)
-        ctx.dkl_dz = None
-        return grad_hs, None, grad_w, None, None  # no gradient to the teacher
-
-
-def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, chunk_size=0):
-    """Per-token KL( softmax(student_hidden @ weight.T / T) || SG softmax(teacher_hidden @ weight.T / T) ),
-    (N, H), (N, H), (V, H) -> (N,), never materialising an (N, V) tensor. Gradients reach
-    student_hidden and weight through the student side only. Equals full_vocab_reverse_kl on the logits."""
-    chunk_size = chunk_rows(chunk_size, weight.size(0))
-    return FusedReverseKL.apply(student_hidden, teacher_hidden.detach(), weight, temperature, chunk_size)
-
-
-def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=0):
-    """log softmax(hidden @ weight.T / T)[tokens] chunk by chunk: (N, H), (V, H), (N,) -> (N,).
-    With grad enabled each chunk is checkpointed, its logits recomputed in backward, never stored."""
-    def chunk_logp(h, t):
-        return torch.gather(_log_softmax(h, weight, temperature), -1, t[:, None]).squeeze(-1)
-    chunk_size = chunk_rows(chunk_size, weight.size(0))
-    if hidden.size(0) <= chunk_size:  # one chunk: nothing to save by recomputing
-        return chunk_logp(hidden, tokens)
-    out = []
-    for i in range(0, hidden.size(0), chunk_size):
-        h, t = hidden[i:i + chunk_size], tokens[i:i + chunk_size]
-        out.append(checkpoint(chunk_logp, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_logp(h, t))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def chunked_entropy(hidden, weight, temperature=1.0, chunk_size=0):
-    """Exact entropy -sum_a p(a) log p(a) per row, chunk by chunk: (N, H), (V, H) -> (N,)."""
-    chunk_size = chunk_rows(chunk_size, weight.size(0))
-    out = []
-    for i in range(0, hidden.size(0), chunk_size):
-        logp = _log_softmax(hidden[i:i + chunk_size], weight, temperature)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out)
-
-
 def sampled_logprobs(model, prompts, resp, group_size, temperature, chunk_size):
     """log pi(resp_t | prompt, resp_<t) of every response token, (P*G, Tr), for prompts (P, Tp)
     each shared by G consecutive responses; no gradient, no logits of the whole batch at once.
@@ -338,11 +281,12 @@ def sampled_logprobs(model, prompts, resp, group_size, temperature, chunk_size):
 
 
 def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
-    """The SDPG loss of one mini-batch on this rank, scaled so that DDP's gradient average over
+    """The loss of one mini-batch on this rank, scaled so that DDP's gradient average over
     ranks yields the token-mean over the global mini-batch. model: the (possibly DDP-wrapped)
     student; weight: the tied output matrix W (V, H). mb holds the rollouts: the student prompts,
-    resp and mask (B, Tr), adv (B,), old_logp and ref_logp (B, Tr), and for sdpg the teacher's
-    hidden states h_teacher (B, Tr, H), computed without gradient.
+    resp and mask (B, Tr), adv (B,) or per token (B, Tr) for rlsd, old_logp and ref_logp (B, Tr),
+    and for sdpg and opd the teacher's hidden states h_teacher (B, Tr, H), computed without gradient.
+    args.algo picks the terms: sdpg out + ref + opd, grpo and rlsd out + ref, opd ref + opd (ungated).
     Returns the loss, per-token metric sums (over this rank's response tokens), and the loss split
     into its terms {out, ref, opd} (each already weighted and normalised; they sum to the loss)."""
     T, C, W = args.temperature, args.kl_chunk, weight
@@ -354,14 +298,16 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     pad = m == 0
     old_logp = torch.where(pad, logp.detach(), mb["old_logp"])
     ref_logp = torch.where(pad, logp.detach(), mb["ref_logp"])
-    adv = mb["adv"][:, None]  # (B, 1)
+    adv = mb["adv"] if mb["adv"].dim() == 2 else mb["adv"][:, None]  # (B, Tr) or (B, 1)
     l_out, clipped = clipped_surrogate(logp, old_logp, adv, args.clip_low, args.clip_high, args.dual_clip)
     l_ref = ref_penalty(logp, ref_logp, args.kl_mode)
-    per_token = {"out": l_out, "ref": args.alpha * l_ref}  # each (B, Tr)
+    per_token = {"out": l_out} if args.algo != "opd" else {}  # opd: no verifier term
+    per_token["ref"] = args.alpha * l_ref  # each (B, Tr)
     sums = {}
-    if args.algo == "sdpg":
+    if args.algo in ("sdpg", "opd"):
         kl = fused_reverse_kl(h, mb["h_teacher"].flatten(0, 1), W, T, C).view(resp.shape)  # (B, Tr)
-        gate = (adv > 0).float() if args.opd_gate == "positive" else torch.ones_like(adv)
+        positive = args.algo == "sdpg" and args.opd_gate == "positive"  # opd has no advantage to gate on
+        gate = (adv > 0).float() if positive else torch.ones_like(adv)
         per_token["opd"] = beta * gate * kl
         sums = {"loss_opd": gate * kl, "kl_teacher": kl}
     # token-mean over the global mini-batch: sum over this rank's response tokens, divided by the
@@ -399,7 +345,7 @@ def loss_diagnostics(model, ref_model, mb, args, beta, n_tokens_global, world_si
         flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
         grads[k] = all_sum(flat) / world_size
         out[f"grad_norm_{k}"] = grads[k].norm().item()
-    if "opd" in grads and grads["opd"].norm() > 0 and grads["out"].norm() > 0:  # no cosine of a zero vector
+    if "opd" in grads and "out" in grads and grads["opd"].norm() > 0 and grads["out"].norm() > 0:  # no cosine of a zero vector
         out["grad_cos_out_opd"] = (grads["out"] @ grads["opd"] / (grads["out"].norm() * grads["opd"].norm())).item()
     with torch.no_grad():
         T, C, W, m, resp = args.temperature, args.kl_chunk, model.lm_head_weight, mb["mask"], mb["resp"]
@@ -429,6 +375,35 @@ def all_sum(t):
     if dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def take_groups(batch, keep, group_size):
+    """The groups of a rollout batch where keep (N,) is True. batch: per-prompt tensors x, cx (N, .)
+    and per-rollout tensors resp, mask (N*G, Tr) and rewards (N*G,), each group's G rows consecutive."""
+    rows = keep.repeat_interleave(group_size)
+    return {k: v[keep] if k in ("x", "cx") else v[rows] for k, v in batch.items()}
+
+
+def cat_rollouts(batches, eot):
+    """Rollout batches joined along the batch; responses right-padded with eot (mask 0) to the longest."""
+    T = max(b["resp"].size(1) for b in batches)
+    pad = {"resp": eot, "mask": 0}
+    return {k: torch.cat([F.pad(b[k], (0, T - b[k].size(1)), value=pad[k]) if k in pad else b[k] for b in batches])
+            for k in batches[0]}
+
+
+def dynamic_sampling(next_batch, n_prompts, group_size, max_batches, eot):
+    """DAPO dynamic sampling: draw rollout batches from next_batch() and keep the groups whose rewards
+    are not all equal until n_prompts groups are kept or max_batches were drawn; if still short, fill
+    up with dropped groups. Returns the batch of n_prompts groups and the list of every batch drawn."""
+    batches, kept = [], []
+    while len(batches) < max_batches and sum(len(k["x"]) for k in kept) < n_prompts:
+        batches.append(next_batch())
+        kept.append(take_groups(batches[-1], group_has_signal(batches[-1]["rewards"], group_size), group_size))
+    dropped = [take_groups(b, ~group_has_signal(b["rewards"], group_size), group_size) for b in batches]
+    pool = cat_rollouts(kept + dropped, eot)
+    first = torch.arange(len(pool["x"]), device=pool["x"].device) < n_prompts
+    return take_groups(pool, first, group_size), batches
 
 
 @torch.no_grad()
@@ -676,6 +651,7 @@ if __name__ == "__main__":
 
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the frozen warm start
     raw_model = model  # no-grad passes (rollouts, old/ref log-probs, teacher, eval) use this
+    teacher_model = raw_model if args.teacher == "current" else ref_model
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     rl_rng = np.random.default_rng([args.seed, rank, 1])
     gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
@@ -738,25 +714,38 @@ if __name__ == "__main__":
             except OSError as e:
                 die(f"saving {path}: {e.strerror or e}; the previous checkpoint is intact")
 
+    G = args.group_size
+
+    def rollout_batch():
+        """P training prompts, G responses to each from the student view (which never holds c), and
+        the verifier's rewards: x (P, Tp), cx (P, Tc+Tp), resp and mask (P*G, Tr), rewards (P*G,)."""
+        a, b = sample_problems(rl_rng, P, held_out, D)
+        student, teacher, _, answers = encode_problems(enc, a, b, D)
+        x = torch.tensor(student, device=device)
+        with ctx:
+            resp, mask = raw_model.generate(x, args.max_new_tokens, enc.eot_token, G, args.temperature, gen)
+        rewards = [reward(decode_response(enc, r), answers[i // G]) for i, r in enumerate(resp.tolist())]
+        return {"x": x, "cx": torch.tensor(teacher, device=device), "resp": resp, "mask": mask,
+                "rewards": torch.tensor(rewards, device=device)}
+
     run_eval(start_step)
     t_run, bad_streak = time.time(), 0
     for step in range(start_step, args.rl_steps):
         t0 = now()
-        beta = beta_schedule(step, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay) if args.algo == "sdpg" else 0.0
+        beta = beta_schedule(step, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay) if args.algo in ("sdpg", "opd") else 0.0
+        lam = args.rlsd_lambda * (max(0.0, 1 - step / args.rlsd_decay) if args.rlsd_decay else 1.0)
 
-        # rollouts: G responses per prompt from the student view, which never holds c
-        a, b = sample_problems(rl_rng, P, held_out, D)
-        student, teacher, _, answers = encode_problems(enc, a, b, D)
-        G = args.group_size
-        x = torch.tensor(student, device=device).repeat_interleave(G, 0)  # (P*G, Tp)
-        cx = torch.tensor(teacher, device=device).repeat_interleave(G, 0)  # (P*G, Tc+Tp)
-        with ctx:
-            resp, mask = raw_model.generate(x[::G], args.max_new_tokens, enc.eot_token, G, args.temperature, gen)
-
-        # verifier rewards and group-relative advantages
-        rewards = torch.tensor([reward(decode_response(enc, r), answers[i // G]) for i, r in enumerate(resp.tolist())],
-                               device=device)
-        adv = group_advantages(rewards, G)
+        # rollouts; --filter_groups keeps only groups whose rewards differ, sampling more batches for them
+        if args.filter_groups:
+            batch, batches = dynamic_sampling(rollout_batch, P, G, args.max_gen_batches, enc.eot_token)
+        else:
+            batch = rollout_batch()
+            batches = [batch]
+        generated = torch.cat([b["rewards"] for b in batches])  # every rollout sampled this step
+        x = batch["x"].repeat_interleave(G, 0)  # (P*G, Tp)
+        cx = batch["cx"].repeat_interleave(G, 0)  # (P*G, Tc+Tp)
+        resp, mask, rewards = batch["resp"], batch["mask"], batch["rewards"]
+        adv = group_advantages(rewards, G)  # group-relative advantages
 
         # log-probs of the sampled tokens under pi_old (the rollout weights) and pi_ref
         t_rollout = now() - t0
@@ -773,9 +762,14 @@ if __name__ == "__main__":
             mb = {"student": x[s], "resp": resp[s], "mask": mask[s], "adv": adv[s],
                   "old_logp": old_logp[s], "ref_logp": ref_logp[s]}
             t_a = now()
-            if args.algo == "sdpg":  # teacher: the current weights, unwrapped, reading c + x + y
+            if args.algo != "grpo":  # teacher: the current weights (or frozen ones), unwrapped, reading c + x + y
                 with torch.no_grad(), ctx:
-                    mb["h_teacher"] = raw_model.score(cx[s][::G], resp[s], G)  # (B, Tr, H), c + x run once per prompt
+                    mb["h_teacher"] = teacher_model.score(cx[s][::G], resp[s], G)  # (B, Tr, H), c + x once per prompt
+                    if args.algo == "rlsd":  # the teacher reweights the advantage and is then done
+                        teacher_logp = chunked_token_logprobs(mb.pop("h_teacher").flatten(0, 1), raw_model.lm_head_weight,
+                                                              resp[s].flatten(), args.temperature, args.kl_chunk)
+                        mb["adv"] = rlsd_advantages(adv[s], teacher_logp.view(resp[s].shape), old_logp[s], lam,
+                                                    args.rlsd_clip)
             t_b = now()
             n_tokens_global = all_sum(mask[s].sum()).item()  # every rank calls this, whatever its lengths
             if j == 0 and args.diag_every and step % args.diag_every == 0:
@@ -799,19 +793,22 @@ if __name__ == "__main__":
 
         # metrics: token-weighted over all ranks for token terms, rollout-weighted for reward
         names = list(sums)
-        totals = all_sum(torch.stack([sums[k] for k in names] + [mask.sum(), rewards.sum(), torch.tensor(
-            float(len(rewards)), device=device)]).float()).tolist()
-        n_tok, r_sum, n_roll = totals[-3:]
+        n_signal = sum(group_has_signal(b["rewards"], G).sum() for b in batches)
+        totals = all_sum(torch.stack([sums[k] for k in names] + [n_signal, generated.sum(), torch.tensor(
+            float(len(generated)), device=device), mask.sum(), torch.tensor(float(len(rewards)), device=device)])
+                         .float()).tolist()
+        n_signal, r_sum, n_gen, n_tok, n_roll = totals[-5:]
         dt = now() - t0
-        rec = {"phase": "rl", "step": step + 1, "reward": r_sum / n_roll,
-               **{k: v / n_tok for k, v in zip(names, totals)}, "resp_len": n_tok / n_roll, "beta": beta,
+        rec = {"phase": "rl", "step": step + 1, "reward": r_sum / n_gen, "signal_frac": n_signal * G / n_gen,
+               "gen_batches": n_gen / (P * G * world_size), **{k: v / n_tok for k, v in zip(names, totals)},
+               "resp_len": n_tok / n_roll, "beta": beta, **({"rlsd_lambda": lam} if args.algo == "rlsd" else {}),
                "tok_per_s": n_tok / dt, "dt": dt,
                "dt_rollout": t_rollout, "dt_logp": t_logp, "dt_teacher": t_teacher, "dt_update": t_update,
                "skipped": skipped, **diag}
         log(rec)
         eta = (time.time() - t_run) / (step + 1 - start_step) * (args.rl_steps - step - 1)
-        opd = f"opd {rec['loss_opd']:.3f} | kl_teacher {rec['kl_teacher']:.3f} | " if args.algo == "sdpg" else ""
-        print0(f"step {step + 1}/{args.rl_steps} | reward {rec['reward']:.3f} | loss {rec['loss']:.4f} | "
+        opd = f"opd {rec['loss_opd']:.3f} | kl_teacher {rec['kl_teacher']:.3f} | " if "kl_teacher" in rec else ""
+        print0(f"step {step + 1}/{args.rl_steps} | reward {rec['reward']:.3f} | signal {rec['signal_frac']:.2f} | loss {rec['loss']:.4f} | "
                f"out {rec['loss_out']:.4f} | {opd}ref {rec['loss_ref']:.5f} | "
                f"kl_ref {rec['kl_ref']:.4f} | entropy {rec['entropy']:.3f} | "
                f"len {rec['resp_len']:.2f} | clip {rec['clip_frac']:.3f} | beta {beta:.4g} | "

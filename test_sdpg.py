@@ -480,6 +480,64 @@ def test_positive_gate_drops_distillation_on_non_positive_advantages():
     assert not torch.allclose(grads(model, mb, ungated, 1, n), grads(model, mb, gr, 1, n))
 
 
+def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
+    """--algo opd: L = beta * token-mean KL(p || SG q) over every rollout + alpha * L_ref, with the KL
+    from the full (N, V) logits in float64, and the advantages (the verifier) play no part."""
+    model = tiny_gpt(torch.float64)
+    mb = fixed_rollouts(model, 4, seed=9)
+    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
+    args = sdpg.parser.parse_args(["--algo", "opd", "--alpha", "0.1", "--opd_gate", "positive"])
+    m, n = mb["mask"], mb["mask"].sum()
+    loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
+    z_s = sdpg.response_logits(model, mb["student"], mb["resp"])
+    z_t = mb["h_teacher"] @ model.lm_head_weight.T
+    kl = brute_force_kl(z_s, z_t)
+    logp = torch.log_softmax(z_s, -1).gather(-1, mb["resp"][..., None])[..., 0]
+    ref = 0.5 * (logp - mb["ref_logp"]) ** 2
+    assert set(terms) == {"ref", "opd"}
+    assert_close(loss, ((0.3 * kl + 0.1 * ref) * m).sum() / n)
+    mb["adv"] = -mb["adv"]  # a different verifier outcome: the same loss
+    assert_close(sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)[0], loss)
+
+
+def test_rlsd_advantages_hand_worked():
+    """A_t = (1 - lam) A + lam A clip(exp(sign(A) delta_t), 0.8, 1.2), delta_t = log q(y_t) - log pi_old(y_t)."""
+    adv = torch.tensor([2.0, -1.0, 0.0])
+    old = torch.zeros(3, 3)
+    teacher = torch.log(torch.tensor([[1.1, 2.0, 0.5], [1.1, 0.5, 0.9], [5.0, 0.1, 1.0]]))
+    teacher.requires_grad_(True)
+    a_t = sdpg.rlsd_advantages(adv, teacher, old, lam=0.5, clip=0.2)
+    expected = torch.tensor([[0.5 * 2 + 0.5 * 2 * 1.1, 1 + 1.2, 1 + 0.8],  # w = 1.1, clipped 2 -> 1.2, 0.5 -> 0.8
+                             [-0.5 - 0.5 / 1.1, -0.5 - 0.5 * 1.2, -0.5 - 0.5 / 0.9],  # sign -1: w = q/pi_old inverted
+                             [0.0, 0.0, 0.0]])
+    assert_close(a_t, expected)
+    assert not a_t.requires_grad  # the teacher's weight is a constant (stop-gradient)
+    assert_close(sdpg.rlsd_advantages(adv, teacher, old, lam=0.0), adv[:, None].expand(3, 3))  # lam 0: GRPO
+
+
+def fake_rollouts(rewards_per_group, length, tag):
+    """A rollout batch of len(rewards_per_group) groups of G = 2, prompts tagged for identification."""
+    n = len(rewards_per_group)
+    return {"x": torch.full((n, 3), tag) + torch.arange(n)[:, None], "cx": torch.full((n, 5), tag),
+            "resp": torch.full((2 * n, length), tag), "mask": torch.ones(2 * n, length),
+            "rewards": torch.tensor([float(r) for g in rewards_per_group for r in g])}
+
+
+def test_dynamic_sampling_keeps_signal_groups_then_fills_with_dropped_ones():
+    assert sdpg.group_has_signal(torch.tensor([1., 1., 0., 1., 0., 0.]), 2).tolist() == [False, True, False]
+    draws = iter([fake_rollouts([[1, 1], [0, 1], [0, 0]], 4, 10), fake_rollouts([[1, 0], [1, 1], [0, 1]], 6, 20)])
+    batch, drawn = sdpg.dynamic_sampling(lambda: next(draws), 3, 2, 10, eot=256)
+    assert len(drawn) == 2  # one signal group in the first draw, two more in the second
+    assert batch["x"][:, 0].tolist() == [11, 20, 22]  # the signal groups, in the order drawn
+    assert batch["rewards"].tolist() == [0, 1, 1, 0, 0, 1]
+    assert batch["resp"].shape == (6, 6) and (batch["resp"][:2, 4:] == 256).all()  # padded with eot ...
+    assert batch["mask"][:2].sum().item() == 8 and batch["mask"][2:].sum().item() == 24  # ... under mask 0
+    # the limit reached with too few signal groups: filled with dropped (all-equal) groups
+    draws = iter([fake_rollouts([[1, 1], [0, 1], [0, 0]], 4, 10)] * 2)
+    batch, drawn = sdpg.dynamic_sampling(lambda: next(draws), 3, 2, 1, eot=256)
+    assert len(drawn) == 1 and batch["x"][:, 0].tolist() == [11, 10, 12]
+
+
 # -----------------------------------------------------------------------------
 # the script end to end, in subprocesses with tiny budgets
 
@@ -524,6 +582,21 @@ def test_smoke_run_writes_log_checkpoint_and_reuses_warm_start(tmp_path):
     p2 = run_script(TINY + ["--out_dir", out])
     assert p2.returncode == 0 and "reusing" in p2.stdout
     assert read_log(out)[1]["eval_acc"] == evals[0]["eval_acc"]
+
+
+@pytest.mark.parametrize("flags", [["--algo", "rlsd", "--filter_groups", "--rlsd_decay", "2"],
+                                   ["--algo", "opd", "--teacher", "frozen"]])
+def test_baselines_run_end_to_end(flags, tmp_path):
+    out = str(tmp_path / "run")
+    p = run_script(TINY + ["--sft_until", "0", "--diag_every", "1"] + flags + ["--out_dir", out])
+    assert p.returncode == 0, p.stderr
+    rl = [r for r in read_log(out) if r["phase"] == "rl"]
+    assert len(rl) == 3 and all(math.isfinite(r["loss"]) and 0 <= r["signal_frac"] <= 1 for r in rl)
+    if "rlsd" in flags:  # lambda 0.5 decays linearly to 0 over --rlsd_decay steps
+        assert [r["rlsd_lambda"] for r in rl] == [0.5, 0.25, 0.0] and "kl_teacher" not in rl[0]
+        assert all(1 <= r["gen_batches"] <= 10 for r in rl)
+    else:  # distillation alone: no outcome gradient, a distillation one
+        assert "grad_norm_out" not in rl[0] and rl[0]["grad_norm_opd"] > 0 and rl[0]["beta"] == 0.05
 
 
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
