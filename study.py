@@ -1,0 +1,265 @@
+"""
+The paper's comparison in miniature: baselines and ablations x seeds x two regimes, from one
+cached warm start per seed and regime; a markdown table and a figure per regime.
+
+    python study.py                         # both regimes, 7 arms x 3 seeds; out/study, results/study
+    python study.py --regimes sparse --seeds 0 1 2 3 4
+    python study.py --report                # table and figure again from results/study/*.jsonl
+
+Each run is `python sdpg.py <regime flags> <arm flags> --seed S`, one thread each, --jobs at a
+time. The warm start of each (regime, seed) runs once; every arm of that seed starts RL from a
+copy of its sft.pt (sdpg.py checks the copy's key and prints "reusing"; the study stops if not).
+Full logs stay in out/study/<regime>/<arm>_s<seed>/; the fields the tables and figure use are
+collected into results/study/<regime>.jsonl, which --report reads. Needs matplotlib for the figure.
+
+Table columns: final and best held-out greedy accuracy (mean +- std over seeds); steps until the
+accuracy first reaches the regime's target (mean over the seeds that reach it, with how many do);
+early lift, the accuracy gap to GRPO of the same seed at the evaluation nearest 20% of the steps
+(mean +- std of the per-seed gaps); the final gap to GRPO the same way; teacher-view accuracy and
+entropy at the end.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# the RL flags every study run shares (the default run is 300 steps with evaluations every 50 and
+# 4 samples per problem for mean@4; the study takes 200 steps, greedy evaluations every 20)
+COMMON = ["--rl_steps", "200", "--eval_every", "20", "--eval_samples", "0", "--diag_every", "50"]
+REGIMES = {  # flags of the warm start (and so of every run) | accuracy target for "steps to target"
+    "default": ([], 0.5),
+    "sparse": (["--sft_until", "0.03"], 0.05),  # a shorter warm start: the student at 1 to 5%
+}
+ARMS = {  # name: flags on top of sdpg.py's defaults (SDPG-URKL, gated, beta 0.05, alpha 1e-3)
+    "grpo": ["--algo", "grpo", "--alpha", "0"],  # L_out alone
+    "sdpg_urkl": [],
+    "sdpg_ufkl": ["--kl_mode", "ufkl"],
+    "rlsd": ["--algo", "rlsd"],
+    "opd": ["--algo", "opd"],  # the distillation term alone, no verifier
+    "sdpg_beta0": ["--beta", "0"],  # = L_out + alpha L_ref
+    "sdpg_alpha0": ["--alpha", "0"],
+}
+SWEEP = {  # SDPG variants (python study.py --sweep): the gate, beta over two orders of magnitude, and two
+    # ways to keep the teacher view informative; grpo and sdpg_urkl are reused from the main study
+    "sdpg_all": ["--opd_gate", "all"],
+    "sdpg_beta0.005": ["--beta", "0.005"],
+    "sdpg_beta0.5": ["--beta", "0.5"],
+    "sdpg_alpha0.1": ["--alpha", "0.1"],
+    "sdpg_frozen": ["--teacher", "frozen"],
+}
+KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each log
+        "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd")}
+
+
+def run_all(regimes, seeds, arms, jobs, out_root, extra):
+    """Warm starts first (one per regime and seed), then every arm; at most `jobs` processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    warm = [(r, s, os.path.join(out_root, r, f"warm_s{s}"), REGIMES[r][0] + ["--rl_steps", "0", "--eval_samples", "0"])
+            for r in regimes for s in seeds]
+    runs = [(r, s, os.path.join(out_root, r, f"{a}_s{s}"), REGIMES[r][0] + COMMON + {**ARMS, **SWEEP}[a])
+            for r in regimes for a in arms for s in seeds]
+    runs = [run for run in runs if not complete(run[2])]  # a finished run is kept, not run again
+    warm = [w for w in warm if not complete(w[2]) and any((r, s) == w[:2] for r, s, _, _ in runs)]
+    for phase, todo in (("warm start", warm), ("runs", runs)):
+        pending, active, t0 = list(todo), [], time.time()
+        print(f"{phase}: {len(todo)} processes, {jobs} at a time", flush=True)
+        while pending or active:
+            while pending and len(active) < jobs:
+                regime, seed, out, flags = pending.pop(0)
+                os.makedirs(out, exist_ok=True)
+                if phase == "runs":  # every arm of a seed starts from the same warm-start weights
+                    shutil.copy(os.path.join(out_root, regime, f"warm_s{seed}", "sft.pt"), os.path.join(out, "sft.pt"))
+                cmd = [sys.executable, os.path.join(HERE, "sdpg.py"), *flags, *extra, "--seed", str(seed), "--out_dir", out]
+                with open(os.path.join(out, "stdout.txt"), "w") as f:
+                    active.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), out, phase))
+            time.sleep(1)
+            for p, out, ph in list(active):
+                if p.poll() is None:
+                    continue
+                active.remove((p, out, ph))
+                with open(os.path.join(out, "stdout.txt")) as f:
+                    text = f.read()
+                if p.returncode != 0 or (ph == "runs" and "reusing" not in text):
+                    for q, _, _ in active:
+                        q.kill()
+                    tail = text.strip().splitlines()[-1:] or ["(no output)"]
+                    sys.exit(f"study.py: error: {out} failed (exit {p.returncode}): {tail[0]}")
+                for junk in ("ckpt.pt",) + (("sft.pt",) if ph == "runs" else ()):
+                    if os.path.exists(os.path.join(out, junk)):
+                        os.remove(os.path.join(out, junk))
+                print(f"  done {out} ({time.time() - t0:.0f}s, {len(pending)} pending)", flush=True)
+
+
+def complete(out):
+    """Whether the run in out finished: its log ends with the last evaluation."""
+    try:
+        with open(os.path.join(out, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f]
+    except (OSError, json.JSONDecodeError):
+        return False
+    return len(records) > 1 and records[-1]["phase"] == "eval" and records[-1]["step"] == records[0]["rl_steps"]
+
+
+def collect(regime, seeds, out_root, results):
+    """The fields KEEP of every finished run's log.jsonl (all arms, these seeds) into
+    results/<regime>.jsonl, one record per line."""
+    path = os.path.join(results, f"{regime}.jsonl")
+    with open(path, "w") as out:
+        for arm in {**ARMS, **SWEEP}:
+            for seed in seeds:
+                if not complete(os.path.join(out_root, regime, f"{arm}_s{seed}")):
+                    continue
+                with open(os.path.join(out_root, regime, f"{arm}_s{seed}", "log.jsonl")) as f:
+                    for line in f:
+                        r = json.loads(line)
+                        fields = KEEP.get(r["phase"], ())
+                        rec = {"arm": arm, "seed": seed, "phase": r["phase"], "step": r.get("step")}
+                        rec.update({k: r[k] for k in fields if k in r})
+                        if r["phase"] == "config":
+                            rec["argv"] = {k: v for k, v in r.items() if k not in ("phase",)}
+                        out.write(json.dumps(rec) + "\n")
+    return path
+
+
+def load(path):
+    """{arm: {seed: {"eval": [records], "rl": [records], "config": record}}} from a collected file."""
+    runs = {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if r["phase"] == "config":
+                runs.setdefault(r["arm"], {}).setdefault(r["seed"], {"eval": [], "rl": []})["config"] = r["argv"]
+            else:
+                runs.setdefault(r["arm"], {}).setdefault(r["seed"], {"eval": [], "rl": []})[r["phase"]].append(r)
+    return runs
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, s
+
+
+def acc_at(evals, step):
+    """Held-out accuracy at the evaluation nearest to step."""
+    return min(evals, key=lambda r: abs(r["step"] - step))["eval_acc"]
+
+
+def table(runs, target, arms):
+    """The markdown table of these arms of one regime."""
+    runs = {a: runs[a] for a in arms if a in runs}
+    ref = runs.get("grpo", {})
+    last = max(r["step"] for r in next(iter(next(iter(runs.values())).values()))["eval"])
+    early = round(0.2 * last)
+    fmt = lambda xs, d=3: "{:.{d}f} ± {:.{d}f}".format(*mean_std(xs), d=d)
+    lines = [f"| arm | final acc | best acc | steps to {target:.0%} | early lift vs GRPO (step {early}) | "
+             f"final gap vs GRPO | final teacher acc | final entropy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for arm, seeds in runs.items():
+        final = [s["eval"][-1]["eval_acc"] for s in seeds.values()]
+        best = [max(r["eval_acc"] for r in s["eval"]) for s in seeds.values()]
+        hit = [next((r["step"] for r in s["eval"] if r["eval_acc"] >= target), None) for s in seeds.values()]
+        reached = [h for h in hit if h is not None]
+        to_target = f"{sum(reached) / len(reached):.0f} ({len(reached)}/{len(hit)} seeds)" if reached else f"never (0/{len(hit)})"
+        paired = [k for k in seeds if k in ref]
+        lift = fmt([acc_at(seeds[k]["eval"], early) - acc_at(ref[k]["eval"], early) for k in paired]) if paired and arm != "grpo" else "-"
+        gap = fmt([seeds[k]["eval"][-1]["eval_acc"] - ref[k]["eval"][-1]["eval_acc"] for k in paired]) if paired and arm != "grpo" else "-"
+        teacher = fmt([s["eval"][-1]["teacher_acc"] for s in seeds.values()])
+        entropy = fmt([s["rl"][-1]["entropy"] for s in seeds.values()], 2)
+        lines.append(f"| {arm} | {fmt(final)} | {fmt(best)} | {to_target} | {lift} | {gap} | {teacher} | {entropy} |")
+    seeds = next(iter(runs.values()))
+    config = next(iter(seeds.values()))["config"]
+    return "\n".join(lines) + (f"\n\nmean ± std over {len(seeds)} seeds; held-out greedy accuracy on "
+                               f"{config['eval_size']} problems, {config['rl_steps']} RL steps.\n")
+
+
+def smooth(ys, k=10):
+    """Trailing moving average over k points (per-step RL metrics are noisy)."""
+    return [sum(ys[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(ys))]
+
+
+def figure(all_runs, out):
+    """One row per regime: student accuracy, teacher accuracy, entropy, response length; mean over
+    seeds as a line, min to max over seeds as a band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("eval", "eval_acc", "student accuracy (held-out, greedy)"),
+              ("eval", "teacher_acc", "teacher-view accuracy (held-out)"),
+              ("rl", "entropy", "entropy, nats/token (10-step mean)"),
+              ("rl", "resp_len", "response length, tokens (10-step mean)")]
+    fig, axes = plt.subplots(len(all_runs), 4, figsize=(18, 4.2 * len(all_runs)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, (regime, runs) in zip(axes, all_runs.items()):
+        for (arm, seeds), color in zip(runs.items(), colors):
+            for ax, (phase, key, title) in zip(row, panels):
+                curves = [[r[key] for r in s[phase]] for s in seeds.values()]
+                steps = [r["step"] for r in next(iter(seeds.values()))[phase]]
+                if phase == "rl":
+                    curves = [smooth(c) for c in curves]
+                mean = [sum(v) / len(v) for v in zip(*curves)]
+                ax.plot(steps, mean, color=color, lw=1.5, label=arm)
+                ax.fill_between(steps, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)], color=color, alpha=0.12)
+                ax.set_title(f"{regime}: {title}", fontsize=10)
+                ax.set_xlabel("RL step")
+                ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def report(regimes, results):
+    all_runs = {}
+    for regime in regimes:
+        path = os.path.join(results, f"{regime}.jsonl")
+        if not os.path.exists(path):
+            sys.exit(f"study.py: error: {path} does not exist; run the study first")
+        all_runs[regime] = load(path)
+        md = f"### Regime: {regime}\n\n" + table(all_runs[regime], REGIMES[regime][1], ARMS)
+        if any(a in all_runs[regime] for a in SWEEP):
+            md += (f"\n### Regime: {regime}, SDPG variants\n\n" +
+                   table(all_runs[regime], REGIMES[regime][1], ["grpo", "sdpg_urkl", *SWEEP]))
+        with open(os.path.join(results, f"{regime}.md"), "w") as f:
+            f.write(md)
+        print(md)
+    try:
+        main = {regime: {a: runs[a] for a in ARMS if a in runs} for regime, runs in all_runs.items()}
+        print("figure:", figure(main, os.path.join(results, "study.png")))
+        sweep = {regime: {a: runs[a] for a in ["grpo", "sdpg_urkl", *SWEEP] if a in runs} for regime, runs in all_runs.items()}
+        if any(a in runs for runs in sweep.values() for a in SWEEP):
+            print("figure:", figure(sweep, os.path.join(results, "sweep.png")))
+    except ImportError:
+        print("no figure: matplotlib is not installed (pip install matplotlib)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="SDPG vs baselines and ablations, several seeds, two regimes")
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS) + list(SWEEP))
+    parser.add_argument("--sweep", action="store_true", help="run the SDPG variants instead of the main arms")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--out_dir", default=os.path.join("out", "study"), help="the runs' own directories")
+    parser.add_argument("--results", default=os.path.join("results", "study"), help="collected logs, tables, figure")
+    parser.add_argument("--report", action="store_true", help="only redraw the tables and figure from --results")
+    args, extra = parser.parse_known_args()  # anything else is passed on to every sdpg.py run
+    os.makedirs(args.results, exist_ok=True)
+    if args.sweep:
+        args.arms = ["grpo", "sdpg_urkl", *SWEEP]
+    if not args.report:
+        if args.jobs < 1 or "grpo" not in args.arms:
+            sys.exit("study.py: error: --jobs must be >= 1 and the arms must include grpo (the gaps are to it)")
+        t0 = time.time()
+        run_all(args.regimes, args.seeds, args.arms, args.jobs, args.out_dir, extra)
+        for regime in args.regimes:
+            collect(regime, args.seeds, args.out_dir, args.results)
+        print(f"study: {len(args.regimes)} regime(s) x {len(args.arms)} arms x {len(args.seeds)} seeds "
+              f"in {(time.time() - t0) / 60:.1f} min")
+    report(args.regimes, args.results)
