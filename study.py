@@ -52,6 +52,7 @@ SWEEP = {  # SDPG variants (python study.py --sweep): the gate, beta over two or
     "sdpg_beta0.5": ["--beta", "0.5"],
     "sdpg_alpha0.1": ["--alpha", "0.1"],
     "sdpg_frozen": ["--teacher", "frozen"],
+    "sdpg_all_alpha0.1": ["--opd_gate", "all", "--alpha", "0.1"],  # ungated with the teacher kept
 }
 KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each log
         "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd")}

@@ -850,3 +850,29 @@ def test_teacher_signal_table_matches_full_forwards():
         assert p == pytest.approx(zs[t].softmax(-1)[y[t]].item())
         assert q == pytest.approx(zt[t].softmax(-1)[y[t]].item())
         assert kl == pytest.approx(sdpg.full_vocab_reverse_kl(zs[t], zt[t]).item())
+
+
+def test_study_table_against_hand_computed_seed_statistics(tmp_path):
+    """Two arms x two seeds of made-up curves: mean +- sample std, steps to target, and the gaps to
+    GRPO of the same seed, worked by hand."""
+    import study
+    curves = {("grpo", 0): [0.1, 0.2, 0.3], ("grpo", 1): [0.1, 0.3, 0.5],
+              ("sdpg_urkl", 0): [0.1, 0.4, 0.5], ("sdpg_urkl", 1): [0.1, 0.3, 0.4]}
+    path = tmp_path / "default.jsonl"
+    with open(path, "w") as f:
+        for (arm, seed), accs in curves.items():
+            f.write(json.dumps({"arm": arm, "seed": seed, "phase": "config", "step": None,
+                                "argv": {"eval_size": 1000, "rl_steps": 10}}) + "\n")
+            for i, acc in enumerate(accs):
+                f.write(json.dumps({"arm": arm, "seed": seed, "phase": "eval", "step": 5 * i, "eval_acc": acc,
+                                    "teacher_acc": 1.0}) + "\n")
+            f.write(json.dumps({"arm": arm, "seed": seed, "phase": "rl", "step": 10, "entropy": 0.5}) + "\n")
+    md = study.table(study.load(str(path)), 0.4, ["grpo", "sdpg_urkl"])
+    grpo, sdpg = (line for line in md.splitlines() if line.startswith(("| grpo", "| sdpg")))
+    s = math.sqrt(2 * 0.1 ** 2)  # sample std of two values 0.2 apart
+    assert grpo.split(" | ")[1:4] == [f"0.400 ± {s:.3f}", f"0.400 ± {s:.3f}", "10 (1/2 seeds)"]
+    # sdpg: final 0.5, 0.4; reaches 0.4 at steps 5 and 10; at step 2 (20% of 10) the nearest
+    # evaluation is step 0: gaps 0, 0; final gaps 0.5 - 0.3 = 0.2 and 0.4 - 0.5 = -0.1
+    cells = sdpg.split(" | ")
+    assert cells[1:6] == [f"0.450 ± {math.sqrt(0.005):.3f}", f"0.450 ± {math.sqrt(0.005):.3f}", "8 (2/2 seeds)",
+                          "0.000 ± 0.000", f"0.050 ± {math.sqrt(0.045):.3f}"]
