@@ -186,21 +186,27 @@ def smooth(ys, k=10):
 
 
 def figure(all_runs, out):
-    """One row per regime: student accuracy, teacher accuracy, entropy, response length; mean over
-    seeds as a line, min to max over seeds as a band."""
+    """One row per regime: student accuracy, its gap to GRPO on the same seed (the seeds' warm
+    starts differ, so the paired gap is the sharper comparison), teacher accuracy, entropy,
+    response length; mean over seeds as a line, min to max over seeds as a band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("eval", "eval_acc", "student accuracy (held-out, greedy)"),
+              ("eval", "gap", "student accuracy minus GRPO's, same seed"),
               ("eval", "teacher_acc", "teacher-view accuracy (held-out)"),
               ("rl", "entropy", "entropy, nats/token (10-step mean)"),
               ("rl", "resp_len", "response length, tokens (10-step mean)")]
-    fig, axes = plt.subplots(len(all_runs), 4, figsize=(18, 4.2 * len(all_runs)), squeeze=False)
+    fig, axes = plt.subplots(len(all_runs), len(panels), figsize=(22, 4.2 * len(all_runs)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for row, (regime, runs) in zip(axes, all_runs.items()):
         for (arm, seeds), color in zip(runs.items(), colors):
             for ax, (phase, key, title) in zip(row, panels):
-                curves = [[r[key] for r in s[phase]] for s in seeds.values()]
+                if key == "gap":
+                    curves = [[r["eval_acc"] - g["eval_acc"] for r, g in zip(s["eval"], runs["grpo"][k]["eval"])]
+                              for k, s in seeds.items()]
+                else:
+                    curves = [[r[key] for r in s[phase]] for s in seeds.values()]
                 steps = [r["step"] for r in next(iter(seeds.values()))[phase]]
                 if phase == "rl":
                     curves = [smooth(c) for c in curves]
