@@ -109,35 +109,35 @@ def complete(out):
 
 def collect(regime, seeds, out_root, results):
     """The fields KEEP of every finished run's log.jsonl (all arms, these seeds) into
-    results/<regime>.jsonl, one record per line."""
+    results/<regime>.jsonl: one line per run, {arm, seed, config, eval: {field: [...]}, rl: {...}},
+    values rounded to 5 decimals."""
     path = os.path.join(results, f"{regime}.jsonl")
     with open(path, "w") as out:
         for arm in {**ARMS, **SWEEP}:
             for seed in seeds:
-                if not complete(os.path.join(out_root, regime, f"{arm}_s{seed}")):
+                run_dir = os.path.join(out_root, regime, f"{arm}_s{seed}")
+                if not complete(run_dir):
                     continue
-                with open(os.path.join(out_root, regime, f"{arm}_s{seed}", "log.jsonl")) as f:
-                    for line in f:
-                        r = json.loads(line)
-                        fields = KEEP.get(r["phase"], ())
-                        rec = {"arm": arm, "seed": seed, "phase": r["phase"], "step": r.get("step")}
-                        rec.update({k: r[k] for k in fields if k in r})
-                        if r["phase"] == "config":
-                            rec["argv"] = {k: v for k, v in r.items() if k not in ("phase",)}
-                        out.write(json.dumps(rec) + "\n")
+                with open(os.path.join(run_dir, "log.jsonl")) as f:
+                    records = [json.loads(line) for line in f]
+                run = {"arm": arm, "seed": seed, "config": {k: v for k, v in records[0].items() if k != "phase"}}
+                for phase, fields in KEEP.items():
+                    rows = [r for r in records if r["phase"] == phase]
+                    run[phase] = {k: [round(r[k], 5) if k != "step" else r[k] for r in rows]
+                                  for k in ("step", *fields) if all(k in r for r in rows)}
+                out.write(json.dumps(run) + "\n")
     return path
 
 
 def load(path):
-    """{arm: {seed: {"eval": [records], "rl": [records], "config": record}}} from a collected file."""
+    """{arm: {seed: {"config": flags, "eval": [records], "rl": [records]}}} from a collected file."""
     runs = {}
     with open(path) as f:
         for line in f:
-            r = json.loads(line)
-            if r["phase"] == "config":
-                runs.setdefault(r["arm"], {}).setdefault(r["seed"], {"eval": [], "rl": []})["config"] = r["argv"]
-            else:
-                runs.setdefault(r["arm"], {}).setdefault(r["seed"], {"eval": [], "rl": []})[r["phase"]].append(r)
+            run = json.loads(line)
+            as_records = {phase: [dict(zip(cols, vals)) for vals in zip(*cols.values())]
+                          for phase, cols in ((p, run[p]) for p in KEEP)}
+            runs.setdefault(run["arm"], {})[run["seed"]] = {"config": run["config"], **as_records}
     return runs
 
 

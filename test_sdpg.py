@@ -858,16 +858,15 @@ def test_study_table_against_hand_computed_seed_statistics(tmp_path):
     import study
     curves = {("grpo", 0): [0.1, 0.2, 0.3], ("grpo", 1): [0.1, 0.3, 0.5],
               ("sdpg_urkl", 0): [0.1, 0.4, 0.5], ("sdpg_urkl", 1): [0.1, 0.3, 0.4]}
-    path = tmp_path / "default.jsonl"
-    with open(path, "w") as f:
-        for (arm, seed), accs in curves.items():
-            f.write(json.dumps({"arm": arm, "seed": seed, "phase": "config", "step": None,
-                                "argv": {"eval_size": 1000, "rl_steps": 10}}) + "\n")
+    for (arm, seed), accs in curves.items():  # sdpg.py logs, as the runs leave them
+        os.makedirs(tmp_path / "default" / f"{arm}_s{seed}")
+        with open(tmp_path / "default" / f"{arm}_s{seed}" / "log.jsonl", "w") as f:
+            f.write(json.dumps({"phase": "config", "eval_size": 1000, "rl_steps": 10}) + "\n")
+            f.write(json.dumps({"phase": "rl", "step": 10, "entropy": 0.5, "reward": 0.3}) + "\n")
             for i, acc in enumerate(accs):
-                f.write(json.dumps({"arm": arm, "seed": seed, "phase": "eval", "step": 5 * i, "eval_acc": acc,
-                                    "teacher_acc": 1.0}) + "\n")
-            f.write(json.dumps({"arm": arm, "seed": seed, "phase": "rl", "step": 10, "entropy": 0.5}) + "\n")
-    md = study.table(study.load(str(path)), 0.4, ["grpo", "sdpg_urkl"])
+                f.write(json.dumps({"phase": "eval", "step": 5 * i, "eval_acc": acc, "teacher_acc": 1.0}) + "\n")
+    path = study.collect("default", [0, 1], str(tmp_path), str(tmp_path))
+    md = study.table(study.load(path), 0.4, ["grpo", "sdpg_urkl"])
     grpo, sdpg = (line for line in md.splitlines() if line.startswith(("| grpo", "| sdpg")))
     s = math.sqrt(2 * 0.1 ** 2)  # sample std of two values 0.2 apart
     assert grpo.split(" | ")[1:4] == [f"0.400 ± {s:.3f}", f"0.400 ± {s:.3f}", "10 (1/2 seeds)"]
