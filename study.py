@@ -35,6 +35,7 @@ COMMON = ["--rl_steps", "200", "--eval_every", "20", "--eval_samples", "0", "--d
 REGIMES = {  # flags of the warm start (and so of every run) | accuracy target for "steps to target"
     "default": ([], 0.5),
     "sparse": (["--sft_until", "0.03"], 0.05),  # a shorter warm start: the student at 1 to 5%
+    "digits3": (["--digits", "3"], 0.3),  # a harder task, run on request: --regimes digits3
 }
 ARMS = {  # name: flags on top of sdpg.py's defaults (SDPG-URKL, gated, beta 0.05, alpha 1e-3)
     "grpo": ["--algo", "grpo", "--alpha", "0"],  # L_out alone
@@ -107,14 +108,15 @@ def complete(out):
     return len(records) > 1 and records[-1]["phase"] == "eval" and records[-1]["step"] == records[0]["rl_steps"]
 
 
-def collect(regime, seeds, out_root, results):
-    """The fields KEEP of every finished run's log.jsonl (all arms, these seeds) into
-    results/<regime>.jsonl: one line per run, {arm, seed, config, eval: {field: [...]}, rl: {...}},
-    values rounded to 5 decimals."""
+def collect(regime, out_root, results):
+    """The fields KEEP of every finished run's log.jsonl in out_root/<regime> (every arm and seed
+    found) into results/<regime>.jsonl: one line per run, {arm, seed, config, eval: {field: [...]},
+    rl: {...}}, values rounded to 5 decimals."""
     path = os.path.join(results, f"{regime}.jsonl")
+    found = os.listdir(os.path.join(out_root, regime))
     with open(path, "w") as out:
         for arm in {**ARMS, **SWEEP}:
-            for seed in seeds:
+            for seed in sorted(int(d[len(arm) + 2:]) for d in found if d.startswith(f"{arm}_s") and d[len(arm) + 2:].isdigit()):
                 run_dir = os.path.join(out_root, regime, f"{arm}_s{seed}")
                 if not complete(run_dir):
                     continue
@@ -159,9 +161,9 @@ def table(runs, target, arms):
     last = max(r["step"] for r in next(iter(next(iter(runs.values())).values()))["eval"])
     early = round(0.2 * last)
     fmt = lambda xs, d=3: "{:.{d}f} ± {:.{d}f}".format(*mean_std(xs), d=d)
-    lines = [f"| arm | final acc | best acc | steps to {target:.0%} | early lift vs GRPO (step {early}) | "
+    lines = [f"| arm | seeds | final acc | best acc | steps to {target:.0%} | early lift vs GRPO (step {early}) | "
              f"final gap vs GRPO | final teacher acc | final entropy |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for arm, seeds in runs.items():
         final = [s["eval"][-1]["eval_acc"] for s in seeds.values()]
         best = [max(r["eval_acc"] for r in s["eval"]) for s in seeds.values()]
@@ -173,11 +175,11 @@ def table(runs, target, arms):
         gap = fmt([seeds[k]["eval"][-1]["eval_acc"] - ref[k]["eval"][-1]["eval_acc"] for k in paired]) if paired and arm != "grpo" else "-"
         teacher = fmt([s["eval"][-1]["teacher_acc"] for s in seeds.values()])
         entropy = fmt([s["rl"][-1]["entropy"] for s in seeds.values()], 2)
-        lines.append(f"| {arm} | {fmt(final)} | {fmt(best)} | {to_target} | {lift} | {gap} | {teacher} | {entropy} |")
-    seeds = next(iter(runs.values()))
-    config = next(iter(seeds.values()))["config"]
-    return "\n".join(lines) + (f"\n\nmean ± std over {len(seeds)} seeds; held-out greedy accuracy on "
-                               f"{config['eval_size']} problems, {config['rl_steps']} RL steps.\n")
+        lines.append(f"| {arm} | {len(seeds)} | {fmt(final)} | {fmt(best)} | {to_target} | {lift} | {gap} | {teacher} | {entropy} |")
+    config = next(iter(next(iter(runs.values())).values()))["config"]
+    return "\n".join(lines) + (f"\n\nmean ± std over seeds (the gaps: over the seeds shared with GRPO, "
+                               f"paired); held-out greedy accuracy on {config['eval_size']} problems, "
+                               f"{config['rl_steps']} RL steps.\n")
 
 
 def smooth(ys, k=10):
@@ -236,19 +238,20 @@ def report(regimes, results):
         with open(os.path.join(results, f"{regime}.md"), "w") as f:
             f.write(md)
         print(md)
+    suffix = "" if regimes == ["default", "sparse"] else "_" + "_".join(regimes)  # study.png: the two regimes
     try:
         main = {regime: {a: runs[a] for a in ARMS if a in runs} for regime, runs in all_runs.items()}
-        print("figure:", figure(main, os.path.join(results, "study.png")))
+        print("figure:", figure(main, os.path.join(results, f"study{suffix}.png")))
         sweep = {regime: {a: runs[a] for a in ["grpo", "sdpg_urkl", *SWEEP] if a in runs} for regime, runs in all_runs.items()}
         if any(a in runs for runs in sweep.values() for a in SWEEP):
-            print("figure:", figure(sweep, os.path.join(results, "sweep.png")))
+            print("figure:", figure(sweep, os.path.join(results, f"sweep{suffix}.png")))
     except ImportError:
         print("no figure: matplotlib is not installed (pip install matplotlib)")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SDPG vs baselines and ablations, several seeds, two regimes")
-    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--regimes", nargs="+", default=["default", "sparse"], choices=list(REGIMES))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS) + list(SWEEP))
     parser.add_argument("--sweep", action="store_true", help="run the SDPG variants instead of the main arms")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -266,7 +269,7 @@ if __name__ == "__main__":
         t0 = time.time()
         run_all(args.regimes, args.seeds, args.arms, args.jobs, args.out_dir, extra)
         for regime in args.regimes:
-            collect(regime, args.seeds, args.out_dir, args.results)
+            collect(regime, args.out_dir, args.results)
         print(f"study: {len(args.regimes)} regime(s) x {len(args.arms)} arms x {len(args.seeds)} seeds "
               f"in {(time.time() - t0) / 60:.1f} min")
     report(args.regimes, args.results)

@@ -865,13 +865,13 @@ def test_study_table_against_hand_computed_seed_statistics(tmp_path):
             f.write(json.dumps({"phase": "rl", "step": 10, "entropy": 0.5, "reward": 0.3}) + "\n")
             for i, acc in enumerate(accs):
                 f.write(json.dumps({"phase": "eval", "step": 5 * i, "eval_acc": acc, "teacher_acc": 1.0}) + "\n")
-    path = study.collect("default", [0, 1], str(tmp_path), str(tmp_path))
+    path = study.collect("default", str(tmp_path), str(tmp_path))
     md = study.table(study.load(path), 0.4, ["grpo", "sdpg_urkl"])
     grpo, sdpg = (line for line in md.splitlines() if line.startswith(("| grpo", "| sdpg")))
     s = math.sqrt(2 * 0.1 ** 2)  # sample std of two values 0.2 apart
-    assert grpo.split(" | ")[1:4] == [f"0.400 ± {s:.3f}", f"0.400 ± {s:.3f}", "10 (1/2 seeds)"]
+    assert grpo.split(" | ")[2:5] == [f"0.400 ± {s:.3f}", f"0.400 ± {s:.3f}", "10 (1/2 seeds)"]
     # sdpg: final 0.5, 0.4; reaches 0.4 at steps 5 and 10; at step 2 (20% of 10) the nearest
     # evaluation is step 0: gaps 0, 0; final gaps 0.5 - 0.3 = 0.2 and 0.4 - 0.5 = -0.1
     cells = sdpg.split(" | ")
-    assert cells[1:6] == [f"0.450 ± {math.sqrt(0.005):.3f}", f"0.450 ± {math.sqrt(0.005):.3f}", "8 (2/2 seeds)",
+    assert cells[2:7] == [f"0.450 ± {math.sqrt(0.005):.3f}", f"0.450 ± {math.sqrt(0.005):.3f}", "8 (2/2 seeds)",
                           "0.000 ± 0.000", f"0.050 ± {math.sqrt(0.045):.3f}"]
