@@ -56,7 +56,8 @@ SWEEP = {  # SDPG variants (python study.py --sweep): the gate, beta over two or
     "sdpg_all_alpha0.1": ["--opd_gate", "all", "--alpha", "0.1"],  # ungated with the teacher kept
 }
 KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each log
-        "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd")}
+        "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd"),
+        "diag": ("grad_norm_out", "grad_norm_opd", "grad_norm_ref", "grad_cos_out_opd")}  # rl records with diagnostics
 
 
 def run_all(regimes, seeds, arms, jobs, out_root, extra):
@@ -124,7 +125,8 @@ def collect(regime, out_root, results):
                     records = [json.loads(line) for line in f]
                 run = {"arm": arm, "seed": seed, "config": {k: v for k, v in records[0].items() if k != "phase"}}
                 for phase, fields in KEEP.items():
-                    rows = [r for r in records if r["phase"] == phase]
+                    rows = [r for r in records if r["phase"] == (phase if phase != "diag" else "rl")
+                            and (phase != "diag" or "grad_norm_out" in r)]
                     run[phase] = {k: [round(r[k], 5) if k != "step" else r[k] for r in rows]
                                   for k in ("step", *fields) if all(k in r for r in rows)}
                 out.write(json.dumps(run) + "\n")
@@ -182,6 +184,27 @@ def table(runs, target, arms):
                                f"{config['rl_steps']} RL steps.\n")
 
 
+def mechanism_table(runs, arms):
+    """How large the distillation signal is next to the outcome signal, per arm with both terms:
+    the ratio of their gradient norms and the cosine between them at the diagnostic steps (median
+    over steps and seeds), and the gated KL as a fraction of the KL over all rollouts in the first
+    20 RL steps (how much of the teacher's disagreement the gate lets through)."""
+    median = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")
+    lines = ["| arm | grad norm opd / out | cosine(out, opd) | gated KL / all-rollout KL, steps 1-20 |",
+             "|---|---|---|---|"]
+    for arm in arms:
+        if arm not in runs or "kl_teacher" not in runs[arm][next(iter(runs[arm]))]["rl"][0]:
+            continue
+        diag = [d for s in runs[arm].values() for d in s["diag"] if d.get("grad_norm_out", 0) > 0 and d.get("grad_norm_opd", 0) > 0]
+        if not diag:  # opd has no outcome term, beta 0 no distillation gradient
+            continue
+        ratio = median([d["grad_norm_opd"] / d["grad_norm_out"] for d in diag])
+        cos = median([d["grad_cos_out_opd"] for d in diag if "grad_cos_out_opd" in d])
+        frac = [sum(r["loss_opd"] for r in s["rl"][:20]) / sum(r["kl_teacher"] for r in s["rl"][:20]) for s in runs[arm].values()]
+        lines.append(f"| {arm} | {ratio:.3f} | {cos:.2f} | {sum(frac) / len(frac):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def smooth(ys, k=10):
     """Trailing moving average over k points (per-step RL metrics are noisy)."""
     return [sum(ys[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(ys))]
@@ -235,6 +258,7 @@ def report(regimes, results):
         if any(a in all_runs[regime] for a in SWEEP):
             md += (f"\n### Regime: {regime}, SDPG variants\n\n" +
                    table(all_runs[regime], REGIMES[regime][1], ["grpo", "sdpg_urkl", *SWEEP]))
+        md += f"\n### Regime: {regime}, the distillation signal\n\n" + mechanism_table(all_runs[regime], [*ARMS, *SWEEP])
         with open(os.path.join(results, f"{regime}.md"), "w") as f:
             f.write(md)
         print(md)

@@ -862,7 +862,10 @@ def test_study_table_against_hand_computed_seed_statistics(tmp_path):
         os.makedirs(tmp_path / "default" / f"{arm}_s{seed}")
         with open(tmp_path / "default" / f"{arm}_s{seed}" / "log.jsonl", "w") as f:
             f.write(json.dumps({"phase": "config", "eval_size": 1000, "rl_steps": 10}) + "\n")
-            f.write(json.dumps({"phase": "rl", "step": 10, "entropy": 0.5, "reward": 0.3}) + "\n")
+            rl = {"phase": "rl", "step": 10, "entropy": 0.5, "reward": 0.3}
+            if arm == "sdpg_urkl":  # a diagnostic step: distillation gradient a quarter of the outcome one
+                rl.update(kl_teacher=2.0, loss_opd=0.5, grad_norm_out=2.0, grad_norm_opd=0.5, grad_cos_out_opd=0.5)
+            f.write(json.dumps(rl) + "\n")
             for i, acc in enumerate(accs):
                 f.write(json.dumps({"phase": "eval", "step": 5 * i, "eval_acc": acc, "teacher_acc": 1.0}) + "\n")
     path = study.collect("default", str(tmp_path), str(tmp_path))
@@ -872,6 +875,7 @@ def test_study_table_against_hand_computed_seed_statistics(tmp_path):
     assert grpo.split(" | ")[2:5] == [f"0.400 ± {s:.3f}", f"0.400 ± {s:.3f}", "10 (1/2 seeds)"]
     # sdpg: final 0.5, 0.4; reaches 0.4 at steps 5 and 10; at step 2 (20% of 10) the nearest
     # evaluation is step 0: gaps 0, 0; final gaps 0.5 - 0.3 = 0.2 and 0.4 - 0.5 = -0.1
+    assert "| sdpg_urkl | 0.250 | 0.50 | 0.250 |" in study.mechanism_table(study.load(path), ["grpo", "sdpg_urkl"])
     cells = sdpg.split(" | ")
     assert cells[2:7] == [f"0.450 ± {math.sqrt(0.005):.3f}", f"0.450 ± {math.sqrt(0.005):.3f}", "8 (2/2 seeds)",
                           "0.000 ± 0.000", f"0.050 ± {math.sqrt(0.045):.3f}"]
