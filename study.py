@@ -140,7 +140,7 @@ def load(path):
         for line in f:
             run = json.loads(line)
             as_records = {phase: [dict(zip(cols, vals)) for vals in zip(*cols.values())]
-                          for phase, cols in ((p, run[p]) for p in KEEP)}
+                          for phase, cols in ((p, run.get(p, {})) for p in KEEP)}
             runs.setdefault(run["arm"], {})[run["seed"]] = {"config": run["config"], **as_records}
     return runs
 
