@@ -34,9 +34,9 @@ Implementation choices, each deliberate:
     as 0); rlsd uses the teacher only to reweight the advantage per token (rlsd_advantages); opd
     keeps the distillation term, ungated, and drops the verifier term.
  8. No (tokens, V) tensor of the whole batch is ever formed: the lm_head is applied in chunks, and
-    the exact KL's backward uses its closed form (fused_reverse_kl in model.py;
-    full_vocab_reverse_kl here is the readable reference the tests hold it to). The no-grad passes (teacher, pi_old, pi_ref) run
-    each prompt once and share it among its G responses (GPT.score).
+    the exact KL's backward uses its closed form (fused_reverse_kl in model.py; full_vocab_reverse_kl
+    here is the readable reference the tests hold it to). The no-grad passes (teacher, pi_old,
+    pi_ref) run each prompt once and share it among its G responses (GPT.score).
  9. A non-finite gradient skips the update; Ctrl-C finishes the step, saves and exits.
 
 Run:
@@ -396,11 +396,12 @@ def dynamic_sampling(next_batch, n_prompts, group_size, max_batches, eot):
     """DAPO dynamic sampling: draw rollout batches from next_batch() and keep the groups whose rewards
     are not all equal until n_prompts groups are kept or max_batches were drawn; if still short, fill
     up with dropped groups. Returns the batch of n_prompts groups and the list of every batch drawn."""
-    batches, kept = [], []
-    while len(batches) < max_batches and sum(len(k["x"]) for k in kept) < n_prompts:
+    batches, signal = [], []
+    while len(batches) < max_batches and sum(int(s.sum()) for s in signal) < n_prompts:
         batches.append(next_batch())
-        kept.append(take_groups(batches[-1], group_has_signal(batches[-1]["rewards"], group_size), group_size))
-    dropped = [take_groups(b, ~group_has_signal(b["rewards"], group_size), group_size) for b in batches]
+        signal.append(group_has_signal(batches[-1]["rewards"], group_size))
+    kept = [take_groups(b, s, group_size) for b, s in zip(batches, signal)]
+    dropped = [take_groups(b, ~s, group_size) for b, s in zip(batches, signal)]
     pool = cat_rollouts(kept + dropped, eot)
     first = torch.arange(len(pool["x"]), device=pool["x"].device) < n_prompts
     return take_groups(pool, first, group_size), batches
