@@ -1,16 +1,19 @@
 """
 The paper's comparison in miniature: baselines and ablations x seeds x two regimes, from one
-cached warm start per seed and regime; a markdown table and a figure per regime.
+cached warm start per seed and regime; markdown tables per regime and figures.
 
     python study.py                         # both regimes, 7 arms x 3 seeds; out/study, results/study
+    python study.py --sweep                 # SDPG variants (gate, beta, alpha, frozen teacher)
     python study.py --regimes sparse --seeds 0 1 2 3 4
-    python study.py --report                # table and figure again from results/study/*.jsonl
+    python study.py --report                # tables and figures again from results/study/*.jsonl
 
 Each run is `python sdpg.py <regime flags> <arm flags> --seed S`, one thread each, --jobs at a
 time. The warm start of each (regime, seed) runs once; every arm of that seed starts RL from a
 copy of its sft.pt (sdpg.py checks the copy's key and prints "reusing"; the study stops if not).
 Full logs stay in out/study/<regime>/<arm>_s<seed>/; the fields the tables and figure use are
-collected into results/study/<regime>.jsonl, which --report reads. Needs matplotlib for the figure.
+collected into results/study/<regime>.jsonl, which --report reads. A run whose log is complete is
+kept, not run again (delete out/study/<regime> to start over). Needs matplotlib for the figures.
+Flags that study.py does not know are passed on to every sdpg.py run.
 
 Table columns: final and best held-out greedy accuracy (mean +- std over seeds); steps until the
 accuracy first reaches the regime's target (mean over the seeds that reach it, with how many do);
