@@ -763,14 +763,13 @@ if __name__ == "__main__":
             mb = {"student": x[s], "resp": resp[s], "mask": mask[s], "adv": adv[s],
                   "old_logp": old_logp[s], "ref_logp": ref_logp[s]}
             t_a = now()
-            if args.algo != "grpo":  # teacher: the current weights (or frozen ones), unwrapped, reading c + x + y
-                with torch.no_grad(), ctx:
-                    mb["h_teacher"] = teacher_model.score(cx[s][::G], resp[s], G)  # (B, Tr, H), c + x once per prompt
-                    if args.algo == "rlsd":  # the teacher reweights the advantage and is then done
-                        teacher_logp = chunked_token_logprobs(mb.pop("h_teacher").flatten(0, 1), raw_model.lm_head_weight,
-                                                              resp[s].flatten(), args.temperature, args.kl_chunk)
-                        mb["adv"] = rlsd_advantages(adv[s], teacher_logp.view(resp[s].shape), old_logp[s], lam,
-                                                    args.rlsd_clip)
+            # teacher: the current weights (or frozen ones), unwrapped, reading c + x + y; c + x once per prompt
+            with torch.no_grad(), ctx:
+                if args.algo == "rlsd":  # the teacher only reweights the advantage, from its log-probs
+                    teacher_logp = sampled_logprobs(teacher_model, cx[s][::G], resp[s], G, args.temperature, args.kl_chunk)
+                    mb["adv"] = rlsd_advantages(adv[s], teacher_logp, old_logp[s], lam, args.rlsd_clip)
+                elif args.algo != "grpo":
+                    mb["h_teacher"] = teacher_model.score(cx[s][::G], resp[s], G)  # (B, Tr, H)
             t_b = now()
             n_tokens_global = all_sum(mask[s].sum()).item()  # every rank calls this, whatever its lengths
             if j == 0 and args.diag_every and step % args.diag_every == 0:
@@ -809,8 +808,8 @@ if __name__ == "__main__":
         log(rec)
         eta = (time.time() - t_run) / (step + 1 - start_step) * (args.rl_steps - step - 1)
         opd = f"opd {rec['loss_opd']:.3f} | kl_teacher {rec['kl_teacher']:.3f} | " if "kl_teacher" in rec else ""
-        print0(f"step {step + 1}/{args.rl_steps} | reward {rec['reward']:.3f} | signal {rec['signal_frac']:.2f} | loss {rec['loss']:.4f} | "
-               f"out {rec['loss_out']:.4f} | {opd}ref {rec['loss_ref']:.5f} | "
+        print0(f"step {step + 1}/{args.rl_steps} | reward {rec['reward']:.3f} | signal {rec['signal_frac']:.2f} | "
+               f"loss {rec['loss']:.4f} | out {rec['loss_out']:.4f} | {opd}ref {rec['loss_ref']:.5f} | "
                f"kl_ref {rec['kl_ref']:.4f} | entropy {rec['entropy']:.3f} | "
                f"len {rec['resp_len']:.2f} | clip {rec['clip_frac']:.3f} | beta {beta:.4g} | "
                f"{rec['tok_per_s']:.0f} tok/s | {dt * 1000:.0f}ms | eta {eta:.0f}s"
