@@ -86,7 +86,65 @@ def decode_response(enc, tokens):
 
 
 # -----------------------------------------------------------------------------
-# problems
+# the task interface: what sdpg.py asks of a task
+
+class AdditionTask:
+    """d-digit addition, the task sdpg.py trains on. A task of your own needs the same members:
+
+        eval_set                 the fixed held-out problems (a list; any objects a task likes)
+        sample(rng, n)           n training problems from a numpy Generator, none of them held out
+        prompt(p)                the student prompt x, as text
+        context(p)               the privileged context c, as text (only the teacher view sees it)
+        answer(p)                the reference response y*, as text (the warm start imitates it)
+        reward(text, p)          the verifier: the decoded response -> a float, never raising
+
+    encode_batch() below turns problems into tokens, one per character; every prompt of a batch
+    must have the same length (the model has no padding mask), which fixed-width operands give here.
+    """
+
+    def __init__(self, digits=NUM_DIGITS, eval_size=1000):
+        if not 1 <= digits <= 6:
+            raise ValueError(f"--digits must be in [1, 6] (got {digits})")
+        if not 1 <= eval_size <= min(100_000, 10 ** (2 * digits) // 2):
+            raise ValueError(f"--eval_size must be in [1, {min(100_000, 10 ** (2 * digits) // 2)}]: at least "
+                             f"half of the {10 ** (2 * digits)} problems stay for training")
+        self.digits = digits
+        a, b = eval_problems(eval_size, digits)
+        self.eval_set = list(zip(a.tolist(), b.tolist()))
+        self.held_out = np.sort(a * 10 ** digits + b)  # keys a * 10**d + b, never sampled for training
+
+    def sample(self, rng, n):
+        a, b = sample_problems(rng, n, self.held_out, self.digits)
+        return list(zip(a.tolist(), b.tolist()))
+
+    def prompt(self, p):
+        return prompt_text(*p, self.digits)
+
+    def context(self, p):
+        return answer_text(*p, self.digits)
+
+    def answer(self, p):
+        return answer_text(*p, self.digits)
+
+    def reward(self, text, p):
+        return reward(text, self.answer(p))
+
+
+def encode_batch(enc, task, problems):
+    """Token lists for a batch of problems, one token per character:
+    student prompts x, teacher prompts c + x with c marked as <|hint|> c <|hint|>, and the
+    target responses y* + <|endoftext|> (warm start). Raises ValueError if the prompts differ in length."""
+    hint = enc.encode_single_token(HINT)
+    student = [encode_chars(enc, task.prompt(p)) for p in problems]
+    teacher = [[hint] + encode_chars(enc, task.context(p)) + [hint] + x for p, x in zip(problems, student)]
+    targets = [encode_chars(enc, task.answer(p)) + [enc.eot_token] for p in problems]
+    if len({len(x) for x in student}) > 1 or len({len(c) for c in teacher}) > 1:
+        raise ValueError("the prompts of a batch must all have the same number of tokens")
+    return student, teacher, targets
+
+
+# -----------------------------------------------------------------------------
+# addition problems
 
 EVAL_SEED = 1234            # the held-out set is the same for every run and every --seed
 
@@ -118,19 +176,6 @@ def sample_problems(rng, n, held_out_keys, digits=NUM_DIGITS):
         a[clash], b[clash] = rng.integers(0, hi, clash.sum()), rng.integers(0, hi, clash.sum())
         clash = np.isin(a * hi + b, held_out_keys)
     return a, b
-
-
-def encode_problems(enc, a, b, digits=NUM_DIGITS):
-    """Token arrays for a batch of problems, as lists of lists:
-    student prompts x, teacher prompts c + x, target responses y (answer + end-of-text),
-    and the answers as strings for the verifier."""
-    hint = enc.encode_single_token(HINT)
-    answers = [answer_text(int(i), int(j), digits) for i, j in zip(a, b)]
-    student = [encode_chars(enc, prompt_text(int(i), int(j), digits)) for i, j in zip(a, b)]
-    context = [[hint] + encode_chars(enc, ans) + [hint] for ans in answers]
-    teacher = [c + x for c, x in zip(context, student)]
-    targets = [encode_chars(enc, ans) + [enc.eot_token] for ans in answers]
-    return student, teacher, targets, answers
 
 
 # -----------------------------------------------------------------------------

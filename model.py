@@ -174,6 +174,21 @@ class GPT(nn.Module):
         return torch.stack(tokens, 1), torch.stack(mask, 1).float()
 
 
+def response_hidden(model, prompt, resp):
+    """Final hidden states (B, Tr, H) at the positions that predict each response token, for
+    either view: on the sequence prompt + resp, position Tp - 1 + t predicts resp[:, t]. The
+    student passes x as prompt and the teacher c + x; only this offset differs, so both score the
+    same tokens. model may be DDP-wrapped (the call goes through its forward)."""
+    seq = torch.cat([prompt, resp[:, :-1]], dim=1)  # (B, Tp + Tr - 1)
+    return model(seq, return_hidden=True)[:, prompt.size(1) - 1:]
+
+
+def response_logits(model, prompt, resp):
+    """The logits (B, Tr, V) at those positions: the readable, memory-hungry form, for tests and
+    tools; training applies the head in chunks instead."""
+    return response_hidden(model, prompt, resp) @ model.lm_head_weight.T
+
+
 # -----------------------------------------------------------------------------
 # The lm_head in chunks: the training loss needs, per response token, the log-prob of the sampled
 # token, the entropy and the exact KL over the whole vocabulary, but never the (N, V) logits of all

@@ -46,12 +46,8 @@ Run:
 import argparse
 import copy
 import gc
-import json
-import math
 import os
 import platform
-import signal
-import sys
 import time
 from contextlib import nullcontext
 
@@ -62,9 +58,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import (decode_response, encode_problems, eval_problems, get_encoding,
-                  reward, sample_problems)
-from model import GPT, GPTConfig, chunked_entropy, chunked_token_logprobs, fused_reverse_kl
+from data import AdditionTask, encode_batch, get_encoding
+from model import (GPT, GPTConfig, chunked_entropy, chunked_token_logprobs, fused_reverse_kl, response_hidden,
+                   response_logits)
+from plumbing import (JsonlLog, StopRequest, all_sum, die, dynamic_sampling, evaluate, group_has_signal,
+                      load_checkpoint, loss_diagnostics, print0, resume, sampled_eval, save_checkpoint,
+                      setup_distributed, validate, verify, warm_start)
 
 # -----------------------------------------------------------------------------
 # config: every default in one place; each is a flag of the same name
@@ -131,52 +130,7 @@ parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after thi
                     "non-finite loss or gradient (each such update is skipped)")
 parser.add_argument("--debug_nan_at", type=int, default=-1, help="testing aid: poison the loss from this RL step on")
 parser.add_argument("--kl_mode", type=str, default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="form of the reference penalty")
-
-
-def die(msg):
-    """One clear line on stderr (from rank 0 only under torchrun) and a non-zero exit, no traceback."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"sdpg.py: error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 parser.error = die  # argparse's own errors (unknown flag, bad choice) become one line too
-
-
-def validate(args):
-    checks = [
-        (args.group_size >= 2, f"--group_size must be >= 2 (got {args.group_size}): advantages compare within a group"),
-        (args.sft_steps >= 0 and args.rl_steps >= 0, "--sft_steps and --rl_steps must be >= 0"),
-        (min(args.beta, args.alpha, args.weight_decay, args.grad_clip) >= 0, "--beta, --alpha, --weight_decay, --grad_clip must be >= 0"),
-        (args.lr > 0 and args.sft_lr > 0, "--lr and --sft_lr must be > 0"),
-        (args.beta_warmup >= 0 and args.beta_decay >= 0, "--beta_warmup and --beta_decay must be >= 0"),
-        (args.temperature > 0, "--temperature must be > 0 (rollouts are sampled)"),
-        (args.max_new_tokens >= args.digits + 2, f"--max_new_tokens must be >= {args.digits + 2}: the answer's "
-                                                   f"{args.digits + 1} digits and end-of-text"),
-        (0 <= args.clip_low < 1 and args.clip_high >= 0, "--clip_low must be in [0, 1) and --clip_high >= 0"),
-        (args.dual_clip > 1, "--dual_clip must be > 1"),
-        (0 <= args.sft_hint_frac <= 1, "--sft_hint_frac must be in [0, 1]"),
-        (args.eval_every >= 0 and 1 <= args.eval_size <= 100_000, "--eval_every must be >= 0 and --eval_size in [1, 100000]"),
-        (args.sft_batch >= 1 and args.prompts_per_step >= 1 and args.num_minibatches >= 1, "batch sizes must be >= 1"),
-        (args.kl_chunk >= 0, "--kl_chunk must be >= 0"),
-        (args.max_bad_steps >= 1, "--max_bad_steps must be >= 1"),
-        (0 <= args.rlsd_lambda <= 1 and args.rlsd_decay >= 0 and 0 <= args.rlsd_clip < 1,
-         "--rlsd_lambda must be in [0, 1], --rlsd_decay >= 0 and --rlsd_clip in [0, 1)"),
-        (args.max_gen_batches >= 1, "--max_gen_batches must be >= 1"),
-        (args.diag_every >= 0 and args.eval_samples >= 0, "--diag_every and --eval_samples must be >= 0"),
-        (min(args.n_layer, args.n_head, args.n_embd) >= 1 and args.n_embd % args.n_head == 0, "--n_embd must be a positive multiple of --n_head"),
-        (1 <= args.digits <= 6, "--digits must be in [1, 6]"),
-        (args.eval_size <= 10 ** (2 * args.digits) // 2, f"--eval_size must leave at least half of the "
-                                                         f"{10 ** (2 * args.digits)} problems for training"),
-        (not args.resume or os.path.isfile(args.resume), f"--resume {args.resume}: no such file"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            die(msg)
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
-        die(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        die(f"--device {args.device}: CUDA is not available on this machine")
 
 
 # -----------------------------------------------------------------------------
@@ -188,13 +142,6 @@ def group_advantages(rewards, group_size, eps=1e-6):
     A group whose rewards are all equal gets A = 0: it carries no signal."""
     r = rewards.view(-1, group_size)  # (N, G)
     return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
-
-
-def group_has_signal(rewards, group_size):
-    """True for each group whose rewards are not all equal, the only groups with A != 0.
-    (N*G,) -> (N,) bool. DAPO's dynamic sampling (--filter_groups) keeps only these."""
-    r = rewards.view(-1, group_size)
-    return r.amax(1) != r.amin(1)
 
 
 def rlsd_advantages(adv, teacher_logp, old_logp, lam, clip=0.2):
@@ -255,21 +202,6 @@ def beta_schedule(step, total_steps, beta, warmup, decay):
     return beta * up * down
 
 
-def response_hidden(model, prompt, resp):
-    """Final hidden states (B, Tr, H) at the positions that predict each response token, for
-    either view: on the sequence prompt + resp, position Tp - 1 + t predicts resp[:, t]. The
-    student passes x as prompt and the teacher c + x; only this offset differs, so both score the
-    same tokens. model may be DDP-wrapped (the call goes through its forward)."""
-    seq = torch.cat([prompt, resp[:, :-1]], dim=1)  # (B, Tp + Tr - 1)
-    return model(seq, return_hidden=True)[:, prompt.size(1) - 1:]
-
-
-def response_logits(model, prompt, resp):
-    """The logits (B, Tr, V) at those positions: the readable, memory-hungry form, for tests and
-    tools; training applies the head in chunks instead."""
-    return response_hidden(model, prompt, resp) @ model.lm_head_weight.T
-
-
 def sampled_logprobs(model, prompts, resp, group_size, temperature, chunk_size):
     """log pi(resp_t | prompt, resp_<t) of every response token, (P*G, Tr), for prompts (P, Tp)
     each shared by G consecutive responses; no gradient, no logits of the whole batch at once.
@@ -277,7 +209,6 @@ def sampled_logprobs(model, prompts, resp, group_size, temperature, chunk_size):
     h = model.score(prompts, resp, group_size)  # (P*G, Tr, H)
     return chunked_token_logprobs(h.flatten(0, 1), model.lm_head_weight, resp.flatten(), temperature,
                                   chunk_size).view(resp.shape)
-
 
 
 def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
@@ -323,270 +254,54 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     return loss, sums, terms
 
 
-def kl_estimators(logp, logq):
-    """Sampled-token estimators of KL(p || q) from y ~ p, with log r = log p(y) - log q(y):
-    k1 = log r (unbiased, high variance, can be negative), k2 = 0.5 (log r)^2 (biased, low variance),
-    k3 = q/p - 1 - log(q/p) = exp(-log r) - 1 + log r (unbiased, >= 0). Shapes are kept."""
-    log_r = logp - logq
-    return log_r, 0.5 * log_r ** 2, torch.exp(-log_r) - 1 + log_r
-
-
-def loss_diagnostics(model, ref_model, mb, args, beta, n_tokens_global, world_size):
-    """Every --diag_every steps, on the step's first mini-batch before its update (so the rollouts
-    are exactly on-policy): the gradient norm of each loss term on its own, the cosine between the
-    outcome and distillation gradients (gradients averaged over ranks like DDP's), and for the
-    student-teacher and policy-reference pairs the exact KL next to k1, k2, k3 (mean and std over
-    the response tokens of all ranks). Uses the unwrapped model; touches no .grad."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    _, _, terms = minibatch_loss(model, model.lm_head_weight, mb, args, beta, n_tokens_global, world_size)
-    out, grads = {}, {}
-    for k, term in terms.items():
-        g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-        flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
-        grads[k] = all_sum(flat) / world_size
-        out[f"grad_norm_{k}"] = grads[k].norm().item()
-    if "opd" in grads and "out" in grads and grads["opd"].norm() > 0 and grads["out"].norm() > 0:  # no cosine of a zero vector
-        out["grad_cos_out_opd"] = (grads["out"] @ grads["opd"] / (grads["out"].norm() * grads["opd"].norm())).item()
-    with torch.no_grad():
-        T, C, W, m, resp = args.temperature, args.kl_chunk, model.lm_head_weight, mb["mask"], mb["resp"]
-        G = args.group_size
-        h = response_hidden(model, mb["student"], resp).flatten(0, 1)
-        logp = chunked_token_logprobs(h, W, resp.flatten(), T, C)
-        pairs = {"ref": ref_model.score(mb["student"][::G], resp, G).flatten(0, 1)}
-        if "h_teacher" in mb:
-            pairs["teacher"] = mb["h_teacher"].flatten(0, 1)
-        for name, h_other in pairs.items():
-            exact = fused_reverse_kl(h, h_other, W, T, C)  # full vocabulary, as in the loss
-            logq = chunked_token_logprobs(h_other, W, resp.flatten(), T, C)
-            for est, v in zip(("exact", "k1", "k2", "k3"), (exact, *kl_estimators(logp, logq))):
-                v, w = v.view(resp.shape), m
-                s = all_sum(torch.stack([(v * w).sum(), (v * v * w).sum(), w.sum()]).double())
-                mean = (s[0] / s[2]).item()
-                out[f"{est}_{name}"] = mean
-                out[f"{est}_{name}_std"] = max(0.0, (s[1] / s[2]).item() - mean ** 2) ** 0.5
-    return out
-
-
 # -----------------------------------------------------------------------------
-# helpers for the run
-
-def all_sum(t):
-    """Sum a tensor over ranks in place (identity without DDP). Every rank must call it."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def take_groups(batch, keep, group_size):
-    """The groups of a rollout batch where keep (N,) is True. batch: per-prompt tensors x, cx (N, .)
-    and per-rollout tensors resp, mask (N*G, Tr) and rewards (N*G,), each group's G rows consecutive."""
-    rows = keep.repeat_interleave(group_size)
-    return {k: v[keep] if k in ("x", "cx") else v[rows] for k, v in batch.items()}
-
-
-def cat_rollouts(batches, eot):
-    """Rollout batches joined along the batch; responses right-padded with eot (mask 0) to the longest."""
-    T = max(b["resp"].size(1) for b in batches)
-    pad = {"resp": eot, "mask": 0}
-    return {k: torch.cat([F.pad(b[k], (0, T - b[k].size(1)), value=pad[k]) if k in pad else b[k] for b in batches])
-            for k in batches[0]}
-
-
-def dynamic_sampling(next_batch, n_prompts, group_size, max_batches, eot):
-    """DAPO dynamic sampling: draw rollout batches from next_batch() and keep the groups whose rewards
-    are not all equal until n_prompts groups are kept or max_batches were drawn; if still short, fill
-    up with dropped groups. Returns the batch of n_prompts groups and the list of every batch drawn."""
-    batches, signal = [], []
-    while len(batches) < max_batches and sum(int(s.sum()) for s in signal) < n_prompts:
-        batches.append(next_batch())
-        signal.append(group_has_signal(batches[-1]["rewards"], group_size))
-    kept = [take_groups(b, s, group_size) for b, s in zip(batches, signal)]
-    dropped = [take_groups(b, ~s, group_size) for b, s in zip(batches, signal)]
-    pool = cat_rollouts(kept + dropped, eot)
-    first = torch.arange(len(pool["x"]), device=pool["x"].device) < n_prompts
-    return take_groups(pool, first, group_size), batches
-
-
-@torch.no_grad()
-def evaluate(model, enc, problems, digits, rank, world_size, max_new_tokens, device, ctx):
-    """Greedy accuracy of the student view (prompt x) and the teacher view (prompt c + x) on the
-    held-out problems, sharded over ranks as range(rank, N, world_size)."""
-    a, b = (p[rank::world_size] for p in problems)
-    student, teacher, _, answers = encode_problems(enc, a, b, digits)
-    correct = torch.zeros(3, device=device)  # student, teacher, count
-    for i, prompts in enumerate((student, teacher)):
-        if not prompts:
-            continue
-        with ctx:
-            resp, _ = model.generate(torch.tensor(prompts, device=device), max_new_tokens, enc.eot_token, temperature=0)
-        correct[i] = sum(reward(decode_response(enc, r), ans) for r, ans in zip(resp.tolist(), answers))
-    correct[2] = len(answers)
-    s, t, n = all_sum(correct).tolist()
-    return s / n, t / n
-
-
-def pass_at_k(n, c, k):
-    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k), the chance
-    that k samples drawn without replacement from the n contain a correct one (Chen et al. 2021)."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
-
-
-@torch.no_grad()
-def sampled_eval(model, enc, problems, digits, rank, world_size, max_new_tokens, device, ctx, n, seed):
-    """n temperature-1 samples of the student view per held-out problem: mean@n (the mean accuracy
-    over all samples, the paper's metric) with a 95% interval over problems, and pass@k for
-    k = 1 and n. Sampling uses its own generator, so evaluating never moves the training streams."""
-    a, b = (p[rank::world_size] for p in problems)
-    student, _, _, answers = encode_problems(enc, a, b, digits)
-    stats = [0.0] * 5  # sum acc, sum acc^2, pass@1, pass@n, problems
-    if student:
-        gen = torch.Generator(device=device).manual_seed(seed + rank)
-        with ctx:
-            resp, _ = model.generate(torch.tensor(student, device=device), max_new_tokens, enc.eot_token, n, 1.0, gen)
-        rows = resp.tolist()
-        for i, ans in enumerate(answers):
-            c = int(sum(reward(decode_response(enc, r), ans) for r in rows[i * n:(i + 1) * n]))
-            for j, v in enumerate((c / n, (c / n) ** 2, pass_at_k(n, c, 1), pass_at_k(n, c, n), 1.0)):
-                stats[j] += v
-    s1, s2, p1, pn, N = all_sum(torch.tensor(stats, dtype=torch.float64, device=device)).tolist()
-    mean = s1 / N
-    half = 1.96 * math.sqrt(max(0.0, s2 / N - mean ** 2) / max(1.0, N - 1))  # normal interval over problems
-    return {f"mean@{n}": mean, f"mean@{n}_ci95": half, "pass@1": p1 / N, f"pass@{n}": pn / N}
-
-
-def sft_batch(enc, rng, n, digits, hint_frac, held_out, device):
-    """Warm-start batch: n problems, a fraction shown with c. Inputs (n, L) and targets (n, L),
-    targets -1 except on the response; plain rows are padded on the right to the hinted length
-    (causal attention keeps padding from reaching earlier positions)."""
-    a, b = sample_problems(rng, n, held_out, digits)
-    student, teacher, targets, _ = encode_problems(enc, a, b, digits)
-    hinted = rng.random(n) < hint_frac
-    L = len(teacher[0]) + len(targets[0]) - 1
-    inputs, labels = [], []
-    for i in range(n):
-        prompt = teacher[i] if hinted[i] else student[i]
-        seq = prompt + targets[i][:-1]
-        lab = [-1] * (len(prompt) - 1) + targets[i]
-        inputs.append(seq + [enc.eot_token] * (L - len(seq)))
-        labels.append(lab + [-1] * (L - len(lab)))
-    return torch.tensor(inputs, device=device), torch.tensor(labels, device=device)
-
-
-def rng_state(np_rng, gen):
-    return {"numpy": np_rng.bit_generator.state, "torch_gen": gen.get_state(), "torch": torch.get_rng_state()}
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename over path: a kill mid-save leaves the previous
-    file intact. On failure (disk full, no permission) the temporary file is removed and OSError raised."""
-    tmp = path + ".tmp"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def load_checkpoint(path, device, required):
-    """torch.load with weights_only=True, so no pickled code ever runs. ValueError with one line
-    when the file is unreadable, truncated, not ours, or lacks one of the required keys."""
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # whatever the file is, the user gets one line, never a traceback
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise ValueError(f"{path}: not a readable SDPG checkpoint ({type(e).__name__}: {first})") from None
-    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: not an SDPG checkpoint (no {', '.join(missing)})")
-    return ckpt
-
-
-# -----------------------------------------------------------------------------
-# the run
+# the run: setup, stage 1 (warm start), stage 2 (RL with SDPG)
 
 if __name__ == "__main__":
     args = parser.parse_args()
     validate(args)
     try:
         enc = get_encoding(args.tokenizer)
+        task = AdditionTask(args.digits, args.eval_size)  # the interface a task implements: data.py
     except ValueError as e:
         die(str(e))
+    _, teacher0, target0 = encode_batch(enc, task, task.eval_set[:1])
+    if args.max_new_tokens < len(target0[0]):
+        die(f"--max_new_tokens must be >= {len(target0[0])}: the answer and end-of-text")
 
-    # DDP: one process per device under torchrun, nccl on CUDA, gloo on CPU
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world_size = 0, 0, 1
-    use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    if ddp:
-        rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device("cpu")
-    if use_cuda:
-        device = torch.device(f"cuda:{local_rank}" if ddp or args.device in ("auto", "cuda") else args.device)
-        torch.cuda.set_device(device)
-    master = rank == 0
+    rank, local_rank, world_size, device, use_cuda = setup_distributed(args)
+    ddp, master = world_size > 1 or dist.is_initialized(), rank == 0
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
-
-    def print0(*a):
-        if master:
-            print(*a, flush=True)
-
     per_rank, rem = divmod(args.prompts_per_step, world_size * args.num_minibatches)
     if per_rank == 0 or rem or args.sft_batch % world_size:
         die(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} ranks x "
             f"{args.num_minibatches} mini-batches, and --sft_batch {args.sft_batch} over the ranks")
     P = args.prompts_per_step // world_size  # prompts per rank per step
+    G = args.group_size
     try:
         os.makedirs(args.out_dir, exist_ok=True)
-        if master:  # a fresh run starts a fresh log; a resumed one appends
-            log_file = open(os.path.join(args.out_dir, "log.jsonl"), "a" if args.resume else "w")
+        log = JsonlLog(os.path.join(args.out_dir, "log.jsonl"), append=bool(args.resume), master=master)
     except OSError as e:
         die(f"--out_dir {args.out_dir}: {e.strerror}")
-
-    # Ctrl-C (SIGINT) or SIGTERM: finish the current step, save, exit; another one more than 2 s
-    # later stops at once (torchrun forwards the first one again right away; it also kills its
-    # workers 30 s after its own signal, which bounds the time to finish the step and save)
-    stop_requested = [False, 0.0]  # requested, when
-
-    def request_stop(signum, frame):
-        if stop_requested[0] and time.time() - stop_requested[1] > 2:
-            raise KeyboardInterrupt
-        if not stop_requested[0]:
-            stop_requested[:] = [True, time.time()]
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
-
-    def log(record):
-        if master:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
+    stop = StopRequest()  # Ctrl-C: finish the step, save, exit
     log({"phase": "config", **vars(args), "world_size": world_size, "device": str(device),
          "torch": torch.__version__, "tiktoken": tiktoken.__version__, "numpy": np.__version__,
          "python": platform.python_version()})
 
-    # model; the same seed on every rank gives identical initial weights
+    # the model; the same seed on every rank gives identical initial weights
     torch.manual_seed(args.seed)
-    D = args.digits
-    eval_set = eval_problems(args.eval_size, D)
-    held_out = np.sort(eval_set[0] * 10 ** D + eval_set[1])
-    _, t0, r0, _ = encode_problems(enc, [0], [0], D)
-    model_args = dict(block_size=len(t0[0]) + max(args.max_new_tokens, len(r0[0])), vocab_size=enc.n_vocab,
+    model_args = dict(block_size=len(teacher0[0]) + max(args.max_new_tokens, len(target0[0])), vocab_size=enc.n_vocab,
                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(GPTConfig(**model_args)).to(device)
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | vocab {enc.n_vocab} | "
            f"device {device} | world {world_size}")
 
     # -------------------------------------------------------------------------
-    # stage 1: supervised warm start of both views, cached in sft.pt
+    # stage 1: supervised warm start of both views (plumbing.warm_start), cached in sft.pt
 
     sft_path = os.path.join(args.out_dir, "sft.pt")
-    sft_key = {k: getattr(args, k) for k in ("seed", "tokenizer", "digits", "sft_steps", "sft_batch", "sft_lr", "sft_hint_frac", "sft_until",
-                                             "weight_decay")}
+    sft_key = {k: getattr(args, k) for k in ("seed", "tokenizer", "digits", "sft_steps", "sft_batch", "sft_lr",
+                                             "sft_hint_frac", "sft_until", "weight_decay")}
     sft_key.update(model_args=model_args, world_size=world_size)
     cached = None
     if not args.resume and os.path.exists(sft_path):
@@ -601,49 +316,13 @@ if __name__ == "__main__":
         print0(f"warm start: reusing {sft_path}")
     elif args.sft_steps > 0:
         train_model = DDP(model, device_ids=[local_rank] if use_cuda else None) if ddp else model
-        opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=args.weight_decay)
-        sft_rng = np.random.default_rng([args.seed, rank, 0])
-        # validation problems for --sft_until: training-distribution problems, never the eval set
-        val_set = sample_problems(np.random.default_rng([args.seed, 2]), 256, held_out, D)
-        t_start = time.time()
-        for step in range(args.sft_steps):
-            x, y = sft_batch(enc, sft_rng, args.sft_batch // world_size, D, args.sft_hint_frac, held_out, device)
-            with ctx:
-                h = train_model(x, return_hidden=True)[y >= 0]  # (n, H): the head only where a label is
-            # mean over this rank's response tokens (every row has the same number); DDP averages ranks
-            loss = -chunked_token_logprobs(h, model.lm_head_weight, y[y >= 0], 1.0, args.kl_chunk).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
-            if all_sum(torch.tensor(float(stop_requested[0]), device=device)).item() > 0:
-                print0("interrupted during the warm start: nothing saved (sft.pt is written when it completes)")
-                if ddp:  # tear down as at the end of the run
-                    del train_model
-                    gc.collect()
-                    dist.destroy_process_group()
-                sys.exit(130)
-            if (step + 1) % 100 == 0 or step + 1 == args.sft_steps:
-                elapsed = time.time() - t_start
-                eta = elapsed / (step + 1) * (args.sft_steps - step - 1)
-                loss_avg = all_sum(loss.detach().clone()).item() / world_size
-                print0(f"sft {step + 1}/{args.sft_steps} | loss {loss_avg:.4f} | {elapsed:.0f}s | "
-                       f"eta {eta:.0f}s{' at most' if args.sft_until else ''}")
-                log({"phase": "sft", "step": step + 1, "loss": loss_avg, "time": elapsed})
-            if args.sft_until > 0 and (step + 1) % 25 == 0:
-                acc, teacher_acc = evaluate(model, enc, val_set, D, rank, world_size, args.max_new_tokens, device, ctx)
-                if acc >= args.sft_until and teacher_acc >= 0.9:
-                    print0(f"sft {step + 1}/{args.sft_steps} | val acc {acc:.3f} >= {args.sft_until}, teacher "
-                           f"{teacher_acc:.3f}: warm start done")
-                    log({"phase": "sft", "step": step + 1, "val_acc": acc, "val_teacher_acc": teacher_acc})
-                    break
-        if master:
-            try:
-                save_atomic({"model": model.state_dict(), "model_args": model_args, "key": sft_key}, sft_path)
-            except OSError as e:
-                die(f"saving {sft_path}: {e.strerror or e}")
-        del train_model, opt
+        done = warm_start(model, train_model, args, enc, task, sft_path, sft_key, stop, log, device, ctx, rank, world_size)
+        del train_model
+        if not done:  # interrupted
+            if ddp:  # drop the DDP wrapper before tearing the process group down
+                gc.collect()
+                dist.destroy_process_group()
+            raise SystemExit(130)
     if ddp:
         dist.barrier()
 
@@ -651,35 +330,15 @@ if __name__ == "__main__":
     # stage 2: RL with SDPG
 
     ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref: the frozen warm start
-    raw_model = model  # no-grad passes (rollouts, old/ref log-probs, teacher, eval) use this
-    teacher_model = raw_model if args.teacher == "current" else ref_model
+    teacher_model = model if args.teacher == "current" else ref_model  # same weights, other view
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    rl_rng = np.random.default_rng([args.seed, rank, 1])
-    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    rl_rng = np.random.default_rng([args.seed, rank, 1])  # problems
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # rollout sampling
     start_step = 0
     if args.resume:
-        try:
-            ckpt = load_checkpoint(args.resume, device, ("model", "ref_model", "optimizer", "model_args", "step", "rng"))
-        except ValueError as e:
-            die(f"--resume {e}")
-        if ckpt["model_args"] != model_args:
-            die(f"--resume {args.resume}: its model {ckpt['model_args']} differs from this run's {model_args}; "
-                f"use the flags it was trained with")
-        try:
-            model.load_state_dict(ckpt["model"])
-            ref_model.load_state_dict(ckpt["ref_model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            die(f"--resume {args.resume}: weights do not fit the model ({type(e).__name__})")
-        start_step = ckpt["step"]
-        if len(ckpt["rng"]) == world_size:  # one stream per rank; a new world size starts fresh streams
-            state = ckpt["rng"][rank]
-            rl_rng.bit_generator.state = state["numpy"]
-            gen.set_state(state["torch_gen"].to("cpu"))
-            torch.set_rng_state(state["torch"].to("cpu"))
-        else:
-            print0(f"resume: saved with {len(ckpt['rng'])} ranks, running {world_size}: new random streams")
-        print0(f"resumed from {args.resume} at step {start_step}")
+        start_step = resume(args.resume, device, model, ref_model, optimizer, model_args, rl_rng, gen, rank, world_size)
+    # the gradient passes go through train_model (DDP averages gradients over ranks); every no-grad
+    # pass (rollouts, pi_old, pi_ref, teacher, evaluation) uses model itself
     train_model = DDP(model, device_ids=[local_rank] if use_cuda else None) if ddp else model
     if args.compile:
         train_model = torch.compile(train_model)
@@ -690,44 +349,31 @@ if __name__ == "__main__":
         return time.perf_counter()
 
     def run_eval(step):
-        acc, teacher_acc = evaluate(raw_model, enc, eval_set, D, rank, world_size, args.max_new_tokens, device, ctx)
-        sampled = {}
-        if args.eval_samples:
-            sampled = sampled_eval(raw_model, enc, eval_set, D, rank, world_size, args.max_new_tokens, device, ctx,
-                                   args.eval_samples, args.seed + 7919)
-        n = args.eval_samples
+        acc, teacher_acc = evaluate(model, enc, task, task.eval_set, rank, world_size, args.max_new_tokens, device, ctx)
+        n, sampled = args.eval_samples, {}
+        if n:
+            sampled = sampled_eval(model, enc, task, task.eval_set, rank, world_size, args.max_new_tokens, device, ctx,
+                                   n, args.seed + 7919)
         print0(f"eval step {step}/{args.rl_steps} | eval_acc {acc:.3f} | teacher_acc {teacher_acc:.3f}"
                + (f" | mean@{n} {sampled[f'mean@{n}']:.3f} +- {sampled[f'mean@{n}_ci95']:.3f} | "
                   f"pass@{n} {sampled[f'pass@{n}']:.3f}" if n else ""))
         log({"phase": "eval", "step": step, "eval_acc": acc, "teacher_acc": teacher_acc, **sampled})
 
-    def save_checkpoint(step):  # every rank calls it: each rank's random streams are gathered
-        rngs = [rng_state(rl_rng, gen)]
-        if ddp:
-            rngs = [None] * world_size
-            dist.all_gather_object(rngs, rng_state(rl_rng, gen))
-        if master:
-            path = os.path.join(args.out_dir, "ckpt.pt")
-            try:
-                save_atomic({"model": raw_model.state_dict(), "ref_model": ref_model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "model_args": model_args, "step": step,
-                             "config": vars(args), "rng": rngs}, path)
-            except OSError as e:
-                die(f"saving {path}: {e.strerror or e}; the previous checkpoint is intact")
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
 
-    G = args.group_size
+    def checkpoint(step):  # every rank calls it
+        save_checkpoint(ckpt_path, model, ref_model, optimizer, model_args, step, vars(args), rl_rng, gen, master)
 
     def rollout_batch():
-        """P training prompts, G responses to each from the student view (which never holds c), and
+        """P training problems, G responses to each from the student view (which never holds c), and
         the verifier's rewards: x (P, Tp), cx (P, Tc+Tp), resp and mask (P*G, Tr), rewards (P*G,)."""
-        a, b = sample_problems(rl_rng, P, held_out, D)
-        student, teacher, _, answers = encode_problems(enc, a, b, D)
+        problems = task.sample(rl_rng, P)
+        student, teacher, _ = encode_batch(enc, task, problems)
         x = torch.tensor(student, device=device)
         with ctx:
-            resp, mask = raw_model.generate(x, args.max_new_tokens, enc.eot_token, G, args.temperature, gen)
-        rewards = [reward(decode_response(enc, r), answers[i // G]) for i, r in enumerate(resp.tolist())]
+            resp, mask = model.generate(x, args.max_new_tokens, enc.eot_token, G, args.temperature, gen)
         return {"x": x, "cx": torch.tensor(teacher, device=device), "resp": resp, "mask": mask,
-                "rewards": torch.tensor(rewards, device=device)}
+                "rewards": torch.tensor(verify(enc, task, resp, problems, G), device=device)}
 
     run_eval(start_step)
     t_run, bad_streak = time.time(), 0
@@ -736,26 +382,28 @@ if __name__ == "__main__":
         beta = beta_schedule(step, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay) if args.algo in ("sdpg", "opd") else 0.0
         lam = args.rlsd_lambda * (max(0.0, 1 - step / args.rlsd_decay) if args.rlsd_decay else 1.0)
 
-        # rollouts; --filter_groups keeps only groups whose rewards differ, sampling more batches for them
+        # 1. rollouts from the student view, scored by the verifier (--filter_groups: DAPO dynamic
+        # sampling keeps only groups whose rewards differ, sampling more batches for them)
         if args.filter_groups:
             batch, batches = dynamic_sampling(rollout_batch, P, G, args.max_gen_batches, enc.eot_token)
         else:
             batch = rollout_batch()
             batches = [batch]
-        generated = torch.cat([b["rewards"] for b in batches])  # every rollout sampled this step
         x = batch["x"].repeat_interleave(G, 0)  # (P*G, Tp)
         cx = batch["cx"].repeat_interleave(G, 0)  # (P*G, Tc+Tp)
         resp, mask, rewards = batch["resp"], batch["mask"], batch["rewards"]
-        adv = group_advantages(rewards, G)  # group-relative advantages
 
-        # log-probs of the sampled tokens under pi_old (the rollout weights) and pi_ref
+        # 2. group-relative advantages
+        adv = group_advantages(rewards, G)  # (P*G,)
+
+        # 3. log-probs of the sampled tokens under pi_old (the rollout weights) and pi_ref
         t_rollout = now() - t0
         with torch.no_grad(), ctx:
-            old_logp = sampled_logprobs(raw_model, x[::G], resp, G, args.temperature, args.kl_chunk)
+            old_logp = sampled_logprobs(model, x[::G], resp, G, args.temperature, args.kl_chunk)  # (P*G, Tr)
             ref_logp = sampled_logprobs(ref_model, x[::G], resp, G, args.temperature, args.kl_chunk)
         t_logp = now() - t0 - t_rollout
 
-        # several updates per rollout batch, each on a slice of whole groups
+        # 4. several updates per rollout batch, each on a slice of whole groups
         sums, t_teacher, t_update, skipped, diag = {}, 0.0, 0.0, 0, {}
         n_mb = P * G // args.num_minibatches  # rollouts per mini-batch on this rank
         for j in range(args.num_minibatches):
@@ -763,7 +411,7 @@ if __name__ == "__main__":
             mb = {"student": x[s], "resp": resp[s], "mask": mask[s], "adv": adv[s],
                   "old_logp": old_logp[s], "ref_logp": ref_logp[s]}
             t_a = now()
-            # teacher: the current weights (or frozen ones), unwrapped, reading c + x + y; c + x once per prompt
+            # the teacher view: the current weights, no gradient, reading c + x + y (c + x once per prompt)
             with torch.no_grad(), ctx:
                 if args.algo == "rlsd":  # the teacher only reweights the advantage, from its log-probs
                     teacher_logp = sampled_logprobs(teacher_model, cx[s][::G], resp[s], G, args.temperature, args.kl_chunk)
@@ -774,9 +422,10 @@ if __name__ == "__main__":
             n_tokens_global = all_sum(mask[s].sum()).item()  # every rank calls this, whatever its lengths
             if j == 0 and args.diag_every and step % args.diag_every == 0:
                 with ctx:
-                    diag = loss_diagnostics(raw_model, ref_model, mb, args, beta, n_tokens_global, world_size)
+                    _, _, terms = minibatch_loss(model, model.lm_head_weight, mb, args, beta, n_tokens_global, world_size)
+                    diag = loss_diagnostics(model, ref_model, mb, terms, args, world_size)
             with ctx:
-                loss, mb_sums, _ = minibatch_loss(train_model, raw_model.lm_head_weight, mb, args, beta,
+                loss, mb_sums, _ = minibatch_loss(train_model, model.lm_head_weight, mb, args, beta,
                                                   n_tokens_global, world_size)
             if 0 <= args.debug_nan_at <= step:
                 loss = loss * float("nan")
@@ -791,8 +440,9 @@ if __name__ == "__main__":
             sums = {k: sums.get(k, 0) + v for k, v in mb_sums.items()}
             t_teacher, t_update = t_teacher + t_b - t_a, t_update + now() - t_b
 
-        # metrics: token-weighted over all ranks for token terms, rollout-weighted for reward
+        # 5. log: token-weighted over all ranks for token terms, rollout-weighted for the reward
         names = list(sums)
+        generated = torch.cat([b["rewards"] for b in batches])  # every rollout sampled this step
         n_signal = sum(group_has_signal(b["rewards"], G).sum() for b in batches)
         totals = all_sum(torch.stack([sums[k] for k in names] + [n_signal, generated.sum(), torch.tensor(
             float(len(generated)), device=device), mask.sum(), torch.tensor(float(len(rewards)), device=device)])
@@ -818,23 +468,21 @@ if __name__ == "__main__":
         saved = (args.eval_every and (step + 1) % args.eval_every == 0) or step + 1 == args.rl_steps
         if saved:
             run_eval(step + 1)
-            save_checkpoint(step + 1)
+            checkpoint(step + 1)
         bad_streak = bad_streak + 1 if skipped else 0
         if bad_streak >= args.max_bad_steps:
-            ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
             kept = f"the last checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint was written yet"
             die(f"{bad_streak} RL steps in a row had a non-finite loss or gradient (updates skipped); stopping; "
                 f"{kept}; try a lower --lr")
-        if all_sum(torch.tensor(float(stop_requested[0]), device=device)).item() > 0:  # every rank asks
+        if stop.any_rank(device):
             print0("interrupted: stopping after this step")
             if not saved:
-                save_checkpoint(step + 1)
-            print0(f"stopped after step {step + 1}/{args.rl_steps}; continue with "
-                   f"--resume {os.path.join(args.out_dir, 'ckpt.pt')}")
+                checkpoint(step + 1)
+            print0(f"stopped after step {step + 1}/{args.rl_steps}; continue with --resume {ckpt_path}")
             break
 
     if start_step == args.rl_steps:
-        save_checkpoint(start_step)
+        checkpoint(start_step)
     if ddp:
         # drop the DDP wrapper (it holds the process group) before tearing the group down; gloo can
         # abort at interpreter exit when a process group outlives destroy_process_group

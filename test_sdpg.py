@@ -18,11 +18,17 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import data
+import plumbing
 import sdpg
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENC = data.get_encoding()
+
+
+def encode(a, b, digits=data.NUM_DIGITS, enc=ENC):
+    """Student prompts, teacher prompts and targets of the addition problems (a[i], b[i])."""
+    return data.encode_batch(enc, data.AdditionTask(digits, eval_size=1), list(zip(map(int, a), map(int, b))))
 
 
 def tiny_gpt(dtype=torch.float32, seed=0, vocab_size=ENC.n_vocab):
@@ -159,7 +165,7 @@ def test_kl_estimators_expectations_by_exhaustive_enumeration():
     zp, zq = 2 * torch.randn(7, dtype=torch.float64), 2 * torch.randn(7, dtype=torch.float64)
     logp, logq = F.log_softmax(zp, -1), F.log_softmax(zq, -1)
     exact = sdpg.full_vocab_reverse_kl(zp, zq)
-    k1, k2, k3 = sdpg.kl_estimators(logp, logq)  # one value per token y of the vocabulary
+    k1, k2, k3 = plumbing.kl_estimators(logp, logq)  # one value per token y of the vocabulary
     p = logp.exp()
     assert_close((p * k1).sum(), exact)
     assert_close((p * k3).sum(), exact)
@@ -180,7 +186,7 @@ def test_per_term_gradients_sum_to_the_total_gradient():
     parts = [torch.autograd.grad(v, params, retain_graph=True) for v in terms.values()]
     for i, g in enumerate(total):
         assert_close(sum(p[i] for p in parts), g)
-    diag = sdpg.loss_diagnostics(model, model, mb, args, 0.3, n, 1)  # reference = the model itself
+    diag = plumbing.loss_diagnostics(model, model, mb, terms, args, 1)  # reference = the model itself
     assert diag["exact_ref"] == pytest.approx(0, abs=1e-12) and diag["k1_ref"] == pytest.approx(0, abs=1e-12)
     norm = lambda gs: torch.cat([x.flatten() for x in gs]).norm().item()
     assert diag["grad_norm_out"] == pytest.approx(norm(parts[0]))
@@ -194,7 +200,7 @@ def test_pass_at_k_against_brute_force_over_subsets():
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations(range(n), k))
                 brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
-                assert sdpg.pass_at_k(n, c, k) == pytest.approx(brute)
+                assert plumbing.pass_at_k(n, c, k) == pytest.approx(brute)
 
 
 # -----------------------------------------------------------------------------
@@ -301,7 +307,7 @@ def test_generate_shares_prefill_and_stops_rows_at_eot():
 
 def test_teacher_and_student_score_the_same_response_positions():
     model = tiny_gpt(torch.float64)
-    student, teacher, targets, _ = data.encode_problems(ENC, [7, 123], [596, 456], 3)
+    student, teacher, targets = encode([7, 123], [596, 456], 3)
     x, cx, y = torch.tensor(student), torch.tensor(teacher), torch.tensor(targets)
     got_teacher = sdpg.response_logits(model, cx, y)
     got_student = sdpg.response_logits(model, x, y)
@@ -321,7 +327,7 @@ def test_shared_prefix_scoring_equals_full_forward_per_sample():
     the cached keys; it must equal a full forward over every prompt + response sequence."""
     model = tiny_gpt(torch.float64)
     G = 3
-    _, teacher, _, _ = data.encode_problems(ENC, [7, 123], [596, 456], 3)
+    _, teacher, _ = encode([7, 123], [596, 456], 3)
     cx = torch.tensor(teacher)  # (2, 14)
     resp = torch.randint(0, 256, (2 * G, 5))
     got = model.score(cx, resp, G)  # (6, 5, H)
@@ -335,9 +341,11 @@ def test_shared_prefix_scoring_equals_full_forward_per_sample():
 # data: tokenizer, views, verifier
 
 def test_worked_example_of_the_data_docstring():
-    student, teacher, targets, answers = data.encode_problems(ENC, [7], [596], 3)
+    student, teacher, targets = encode([7], [596], 3)
     assert ENC.decode(student[0]) == "007+596="
-    assert answers == ["3060"] and ENC.decode(targets[0]) == "3060<|endoftext|>"
+    assert ENC.decode(targets[0]) == "3060<|endoftext|>"
+    task = data.AdditionTask(3, eval_size=1)
+    assert task.answer((7, 596)) == "3060" and task.reward("3060", (7, 596)) == 1.0 and task.reward("0603", (7, 596)) == 0.0
     assert ENC.decode(teacher[0]) == "<|hint|>3060<|hint|>007+596="
     assert (len(student[0]), len(teacher[0]), len(targets[0])) == (8, 14, 5)
     assert all(0 <= t < 256 for t in student[0])  # one byte token per character
@@ -346,7 +354,7 @@ def test_worked_example_of_the_data_docstring():
 def test_student_view_never_holds_the_privileged_context():
     rng = np.random.default_rng(0)
     a, b = data.sample_problems(rng, 500, np.array([], dtype=np.int64))
-    student, teacher, targets, answers = data.encode_problems(ENC, a, b)
+    student, teacher, targets = encode(a, b)
     hint = ENC.encode_single_token(data.HINT)
     assert all(hint not in s for s in student)
     assert all(t[len(t) - len(s):] == s and t.count(hint) == 2 for s, t in zip(student, teacher))
@@ -366,8 +374,8 @@ def test_rollouts_and_eval_feed_the_student_no_hint(monkeypatch):
         return orig(self, prompts, *a, **k)
 
     monkeypatch.setattr(GPT, "generate", spy)
-    problems = data.eval_problems(20)
-    sdpg.evaluate(model, ENC, problems, data.NUM_DIGITS, 0, 1, 6, torch.device("cpu"), torch.no_grad())
+    task = data.AdditionTask(eval_size=20)
+    plumbing.evaluate(model, ENC, task, task.eval_set, 0, 1, 6, torch.device("cpu"), torch.no_grad())
     hint = ENC.encode_single_token(data.HINT)
     assert len(seen) == 2 and not (seen[0] == hint).any() and (seen[1] == hint).sum(1).eq(2).all()
     assert torch.equal(seen[1][:, -seen[0].size(1):], seen[0])
@@ -402,7 +410,7 @@ def test_named_tokenizer_works_or_fails_with_one_clear_line():
     except ValueError as e:  # no files and no network here
         assert "gpt2" in str(e) and "\n" not in str(e)
     else:  # the files are cached: one token per character, the hint a special token
-        student, teacher, targets, _ = data.encode_problems(enc, [7], [596], 3)
+        student, teacher, targets = encode([7], [596], 3, enc)
         assert len(student[0]) == 8 and len(teacher[0]) == 14 and enc.decode(targets[0]).startswith("3060")
     with pytest.raises(ValueError):
         data.get_encoding("no_such_encoding")
@@ -415,7 +423,7 @@ def fixed_rollouts(model, n, seed):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     a, b = data.sample_problems(rng, n, np.array([], dtype=np.int64))
-    student, teacher, _, _ = data.encode_problems(ENC, a, b)
+    student, teacher, _ = encode(a, b)
     x, cx = torch.tensor(student), torch.tensor(teacher)
     resp = torch.randint(0, 256, (n, 6))
     mask = torch.zeros(n, 6)
@@ -524,9 +532,9 @@ def fake_rollouts(rewards_per_group, length, tag):
 
 
 def test_dynamic_sampling_keeps_signal_groups_then_fills_with_dropped_ones():
-    assert sdpg.group_has_signal(torch.tensor([1., 1., 0., 1., 0., 0.]), 2).tolist() == [False, True, False]
+    assert plumbing.group_has_signal(torch.tensor([1., 1., 0., 1., 0., 0.]), 2).tolist() == [False, True, False]
     draws = iter([fake_rollouts([[1, 1], [0, 1], [0, 0]], 4, 10), fake_rollouts([[1, 0], [1, 1], [0, 1]], 6, 20)])
-    batch, drawn = sdpg.dynamic_sampling(lambda: next(draws), 3, 2, 10, eot=256)
+    batch, drawn = plumbing.dynamic_sampling(lambda: next(draws), 3, 2, 10, eot=256)
     assert len(drawn) == 2  # one signal group in the first draw, two more in the second
     assert batch["x"][:, 0].tolist() == [11, 20, 22]  # the signal groups, in the order drawn
     assert batch["rewards"].tolist() == [0, 1, 1, 0, 0, 1]
@@ -534,7 +542,7 @@ def test_dynamic_sampling_keeps_signal_groups_then_fills_with_dropped_ones():
     assert batch["mask"][:2].sum().item() == 8 and batch["mask"][2:].sum().item() == 24  # ... under mask 0
     # the limit reached with too few signal groups: filled with dropped (all-equal) groups
     draws = iter([fake_rollouts([[1, 1], [0, 1], [0, 0]], 4, 10)] * 2)
-    batch, drawn = sdpg.dynamic_sampling(lambda: next(draws), 3, 2, 1, eot=256)
+    batch, drawn = plumbing.dynamic_sampling(lambda: next(draws), 3, 2, 1, eot=256)
     assert len(drawn) == 1 and batch["x"][:, 0].tolist() == [11, 10, 12]
 
 
@@ -647,7 +655,7 @@ def test_bad_flags_exit_nonzero_with_one_line(flags, needle, tmp_path):
 
 def test_save_atomic_keeps_the_previous_file_when_a_save_dies(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    sdpg.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    plumbing.save_atomic({"step": 1, "w": torch.ones(3)}, path)
     real_save = torch.save
 
     def dying_save(obj, f):  # writes half a file, then the disk fills up
@@ -658,9 +666,9 @@ def test_save_atomic_keeps_the_previous_file_when_a_save_dies(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError):
-        sdpg.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+        plumbing.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
-    assert sdpg.load_checkpoint(path, "cpu", ("step",))["step"] == 1
+    assert plumbing.load_checkpoint(path, "cpu", ("step",))["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
@@ -739,7 +747,7 @@ DDP_SCRIPT = r'''
 import os, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, sys.argv[1])
-import sdpg, test_sdpg
+import plumbing, sdpg, test_sdpg
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = test_sdpg.tiny_gpt(torch.float64)
@@ -762,7 +770,7 @@ ref = torch.cat([p.grad.flatten() for p in model.parameters()])
 model.zero_grad()
 ddp = DDP(model)
 mine = batches[rank]
-n_global = sdpg.all_sum(mine["mask"].sum().clone()).item()
+n_global = plumbing.all_sum(mine["mask"].sum().clone()).item()
 loss, _, _ = sdpg.minibatch_loss(ddp, model.lm_head_weight, mine, args, 0.3, n_global, 2)
 loss.backward()
 got = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -829,6 +837,7 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monke
 
 def test_plot_draws_a_png_and_rejects_a_non_log(tmp_path):
     pytest.importorskip("matplotlib")
+    sys.path.insert(0, os.path.join(HERE, "tools"))
     import plot
     out = plot.plot([os.path.join(HERE, "results", "sdpg_default_cpu.jsonl")], str(tmp_path / "curves.png"))
     with open(out, "rb") as f:
@@ -838,9 +847,10 @@ def test_plot_draws_a_png_and_rejects_a_non_log(tmp_path):
 
 
 def test_teacher_signal_table_matches_full_forwards():
+    sys.path.insert(0, os.path.join(HERE, "tools"))
     import teacher_signal
     model = tiny_gpt(torch.float64)
-    student, teacher, targets, _ = data.encode_problems(ENC, [7], [96], 2)
+    student, teacher, targets = encode([7], [96], 2)
     y = torch.tensor(targets[0])
     rows = teacher_signal.signal_table(model, ENC, 7, 96, 2, y)
     zs = sdpg.response_logits(model, torch.tensor(student), y[None])[0]  # (Tr, V)
@@ -855,6 +865,7 @@ def test_teacher_signal_table_matches_full_forwards():
 def test_study_table_against_hand_computed_seed_statistics(tmp_path):
     """Two arms x two seeds of made-up curves: mean +- sample std, steps to target, and the gaps to
     GRPO of the same seed, worked by hand."""
+    sys.path.insert(0, os.path.join(HERE, "tools"))
     import study
     curves = {("grpo", 0): [0.1, 0.2, 0.3], ("grpo", 1): [0.1, 0.3, 0.5],
               ("sdpg_urkl", 0): [0.1, 0.4, 0.5], ("sdpg_urkl", 1): [0.1, 0.3, 0.4]}

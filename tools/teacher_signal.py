@@ -8,26 +8,28 @@ per-token signal the SDPG distillation term trains on.
     python teacher_signal.py out/ckpt.pt 7 96 --sample 3   # three samples at the run's temperature
 """
 import argparse
+import os
 import sys
 
 import torch
 
-import sdpg
-from data import decode_response, encode_problems, get_encoding, reward
-from model import GPT, GPTConfig
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
+from data import AdditionTask, decode_response, encode_batch, get_encoding  # noqa: E402
+from model import GPT, GPTConfig, chunked_token_logprobs, fused_reverse_kl  # noqa: E402
+from plumbing import load_checkpoint  # noqa: E402
 
 
 def signal_table(model, enc, a, b, digits, resp, temperature=1.0):
     """Rows (token text, p, q, KL) for each response token of resp (Tr,) up to its end-of-text."""
-    student, teacher, _, _ = encode_problems(enc, [a], [b], digits)
+    student, teacher, _ = encode_batch(enc, AdditionTask(digits, eval_size=1), [(a, b)])
     x, cx, y = torch.tensor(student), torch.tensor(teacher), resp[None]
     W = model.lm_head_weight
     with torch.no_grad():
         hs = model.score(x, y).flatten(0, 1)  # (Tr, H), the student view
         ht = model.score(cx, y).flatten(0, 1)  # the teacher view, same tokens
-        logp = sdpg.chunked_token_logprobs(hs, W, y.flatten(), temperature)  # the policy is softmax(z / T)
-        logq = sdpg.chunked_token_logprobs(ht, W, y.flatten(), temperature)
-        kl = sdpg.fused_reverse_kl(hs, ht, W, temperature)
+        logp = chunked_token_logprobs(hs, W, y.flatten(), temperature)  # the policy is softmax(z / T)
+        logq = chunked_token_logprobs(ht, W, y.flatten(), temperature)
+        kl = fused_reverse_kl(hs, ht, W, temperature)
     rows = []
     for t, tok in enumerate(y.flatten().tolist()):
         text = "<eot>" if tok == enc.eot_token else repr(enc.decode([tok]))[1:-1]
@@ -46,7 +48,7 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     try:
-        ckpt = sdpg.load_checkpoint(args.ckpt, "cpu", ("model", "model_args"))
+        ckpt = load_checkpoint(args.ckpt, "cpu", ("model", "model_args"))
         cfg = ckpt.get("config") or ckpt.get("key") or {}  # ckpt.pt has the run's config, sft.pt its warm-start key
         enc = get_encoding(cfg.get("tokenizer", "bytes"))
     except ValueError as e:
@@ -57,7 +59,9 @@ if __name__ == "__main__":
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    student, _, _, answers = encode_problems(enc, [args.a], [args.b], digits)
+    task = AdditionTask(digits, eval_size=1)
+    student = encode_batch(enc, task, [(args.a, args.b)])[0]
+    answers = [task.answer((args.a, args.b))]
     max_new = cfg.get("max_new_tokens", digits + 3)
     T = cfg.get("temperature", 1.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -66,7 +70,7 @@ if __name__ == "__main__":
     print(f"problem {enc.decode(student[0])}  answer {answers[0]}  (checkpoint step {ckpt.get('step', 'warm start')})")
     for r in resp:
         text = decode_response(enc, r.tolist())
-        print(f"\nresponse {text!r}: reward {reward(text, answers[0]):.0f}")
+        print(f"\nresponse {text!r}: reward {task.reward(text, (args.a, args.b)):.0f}")
         print(f"{'token':>8} {'p (student)':>12} {'q (teacher)':>12} {'KL(p||q)':>10}")
         for tok, pt, qt, kl in signal_table(model, enc, args.a, args.b, digits, r, T):
             print(f"{tok:>8} {pt:12.4f} {qt:12.4f} {kl:10.4f}")

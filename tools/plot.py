@@ -1,9 +1,9 @@
 """
 Draw the curves of one or more sdpg.py logs to a PNG (needs matplotlib, which sdpg.py itself does not).
 
-    python plot.py out/log.jsonl                          # writes out/log.png
-    python plot.py out_a/log.jsonl out_b/log.jsonl --out compare.png
-    python plot.py out/log.jsonl --estimators --out estimators.png   # k1, k2, k3 vs the exact KL
+    python tools/plot.py out/log.jsonl                          # writes out/log.png
+    python tools/plot.py out_a/log.jsonl out_b/log.jsonl --out compare.png
+    python tools/plot.py out/log.jsonl --estimators --out estimators.png   # k1, k2, k3 vs the exact KL
 
 Panels: held-out accuracy of the student and of the teacher view, rollout reward, exact KL to
 the teacher, entropy, KL to the reference, and response length, all against the RL step.

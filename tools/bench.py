@@ -6,8 +6,8 @@ Benchmark: prints, in one run, the costs that decide SDPG's speed and memory.
   2. rollouts: tokens/s of GPT.generate (KV cache, shared prefill) vs recomputing the whole prefix
   3. one RL step of sdpg.py split into phases, --algo sdpg vs --algo grpo, and their ratio
 
-    python bench.py                 # all three, about 3 minutes on a 2-core CPU
-    python bench.py --only kl       # or rollout, or step
+    python tools/bench.py                 # all three, about 3 minutes on a 2-core CPU
+    python tools/bench.py --only kl       # or rollout, or step
 
 Memory on CPU is the peak resident set of a fresh process minus its size once the inputs exist
 (each measurement runs in its own subprocess); on CUDA it is torch.cuda.max_memory_allocated.
@@ -27,10 +27,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-import sdpg
-from model import GPT, GPTConfig, chunk_rows
-
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)
+import sdpg  # noqa: E402
+from model import GPT, GPTConfig, chunk_rows  # noqa: E402
 
 
 def rss_bytes():
@@ -182,7 +182,7 @@ def bench_step(args, device):
                 os.makedirs(out)
                 if os.path.exists(os.path.join(tmp, "sft.pt")):  # the same warm start for every run
                     shutil.copy(os.path.join(tmp, "sft.pt"), out)
-                cmd = [sys.executable, os.path.join(HERE, "sdpg.py"), "--algo", algo, "--rl_steps", str(steps),
+                cmd = [sys.executable, os.path.join(ROOT, "sdpg.py"), "--algo", algo, "--rl_steps", str(steps),
                        "--eval_every", "0", "--eval_size", "100", "--out_dir", out, "--device", str(device)]
                 subprocess.run(cmd, check=True, capture_output=True, text=True)
                 shutil.copy(os.path.join(out, "sft.pt"), tmp)

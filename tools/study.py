@@ -2,10 +2,10 @@
 The paper's comparison in miniature: baselines and ablations x seeds x two regimes, from one
 cached warm start per seed and regime; markdown tables per regime and figures.
 
-    python study.py                         # both regimes, 7 arms x 3 seeds; out/study, results/study
-    python study.py --sweep                 # SDPG variants (gate, beta, alpha, frozen teacher)
-    python study.py --regimes sparse --seeds 0 1 2 3 4
-    python study.py --report                # tables and figures again from results/study/*.jsonl
+    python tools/study.py                         # both regimes, 7 arms x 3 seeds; out/study, results/study
+    python tools/study.py --sweep                 # SDPG variants (gate, beta, alpha, frozen teacher)
+    python tools/study.py --regimes sparse --seeds 0 1 2 3 4
+    python tools/study.py --report                # tables and figures again from results/study/*.jsonl
 
 Each run is `python sdpg.py <regime flags> <arm flags> --seed S`, one thread each, --jobs at a
 time. The warm start of each (regime, seed) runs once; every arm of that seed starts RL from a
@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 # the RL flags every study run shares (the default run is 300 steps with evaluations every 50 and
 # 4 samples per problem for mean@4; the study takes 200 steps, greedy evaluations every 20)
@@ -49,7 +49,7 @@ ARMS = {  # name: flags on top of sdpg.py's defaults (SDPG-URKL, gated, beta 0.0
     "sdpg_beta0": ["--beta", "0"],  # = L_out + alpha L_ref
     "sdpg_alpha0": ["--alpha", "0"],
 }
-SWEEP = {  # SDPG variants (python study.py --sweep): the gate, beta over two orders of magnitude, and two
+SWEEP = {  # SDPG variants (python tools/study.py --sweep): the gate, beta over two orders of magnitude, and two
     # ways to keep the teacher view informative; grpo and sdpg_urkl are reused from the main study
     "sdpg_all": ["--opd_gate", "all"],
     "sdpg_beta0.005": ["--beta", "0.005"],
@@ -81,7 +81,7 @@ def run_all(regimes, seeds, arms, jobs, out_root, extra):
                 os.makedirs(out, exist_ok=True)
                 if phase == "runs":  # every arm of a seed starts from the same warm-start weights
                     shutil.copy(os.path.join(out_root, regime, f"warm_s{seed}", "sft.pt"), os.path.join(out, "sft.pt"))
-                cmd = [sys.executable, os.path.join(HERE, "sdpg.py"), *flags, *extra, "--seed", str(seed), "--out_dir", out]
+                cmd = [sys.executable, os.path.join(ROOT, "sdpg.py"), *flags, *extra, "--seed", str(seed), "--out_dir", out]
                 with open(os.path.join(out, "stdout.txt"), "w") as f:
                     active.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), out, phase))
             time.sleep(1)
@@ -284,7 +284,7 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--out_dir", default=os.path.join("out", "study"), help="the runs' own directories")
-    parser.add_argument("--results", default=os.path.join("results", "study"), help="collected logs, tables, figure")
+    parser.add_argument("--results", default=os.path.join(ROOT, "results", "study"), help="collected logs, tables, figure")
     parser.add_argument("--report", action="store_true", help="only redraw the tables and figure from --results")
     args, extra = parser.parse_known_args()  # anything else is passed on to every sdpg.py run
     os.makedirs(args.results, exist_ok=True)
