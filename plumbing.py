@@ -39,6 +39,7 @@ def validate(args):
         (min(args.beta, args.alpha, args.weight_decay, args.grad_clip) >= 0, "--beta, --alpha, --weight_decay, --grad_clip must be >= 0"),
         (args.lr > 0 and args.sft_lr > 0, "--lr and --sft_lr must be > 0"),
         (args.beta_warmup >= 0 and args.beta_decay >= 0, "--beta_warmup and --beta_decay must be >= 0"),
+        (args.kl_cap >= 0 and args.kl_in_reward >= 0, "--kl_cap and --kl_in_reward must be >= 0"),
         (args.temperature > 0, "--temperature must be > 0 (rollouts are sampled)"),
         (0 <= args.clip_low < 1 and args.clip_high >= 0, "--clip_low must be in [0, 1) and --clip_high >= 0"),
         (args.dual_clip > 1, "--dual_clip must be > 1"),

@@ -3,16 +3,23 @@ Self-Distilled Policy Gradient (SDPG, arXiv 2606.04036) in one file of plain PyT
 
 One model pi_theta, two views of it: the student p_t = pi_theta(.|x, y_<t) sees the problem x;
 the teacher q_t = pi_theta(.|c, x, y_<t) also sees a privileged context c (the answer). Rollouts
-y ~ student. At RL step k the loss, a token-mean over all response tokens of the batch, is
+y ~ student. At RL step k = 1..T the loss, a token-mean over all response tokens of the batch, is
 
     L = L_out + beta(k) * L_OPD + alpha * L_ref
     L_out  = max(-A r_t, -A clip(r_t, 1-eps_low, 1+eps_high)), capped at -A*c when A < 0
              r_t = pi_theta(y_t) / pi_old(y_t),  A_i = (R_i - mean_G R) / (std_G R + eps)
-    L_OPD  = [A_i > 0] * sum_a p_t(a) (log p_t(a) - log SG q_t(a))   exact, every vocab entry
+    L_OPD  = [A_i > 0] * min(20, sum_a p_t(a) (log p_t(a) - log SG q_t(a)))   exact, every vocab entry
     L_ref  = 0.5 * (log pi_theta(y_t) - log pi_ref(y_t))^2           (urkl; ufkl, rkl, fkl too)
     beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay)
 
 Stage 1 (supervised warm start, standing in for pretraining) teaches both views; stage 2 is RL.
+
+Two recipes (--recipe), because the paper and the authors' released script run different ones:
+    paper    the gate [A_i > 0] on; beta warmed up over the first T/8 steps and decayed over the
+             last 7T/8; clip (0.2, 0.2); where the paper is silent, the released code's values
+             (dual clip c = 10, the per-token KL cap of 20)
+    release  the gate off; beta constant; clip (0.2, 0.28) with dual clip c = 10; KL cap 20
+A flag given explicitly wins over the recipe; the config record in log.jsonl holds what ran.
 
 Implementation choices, each deliberate:
  1. The teacher is the current model (same weights, extra context), recomputed without gradient
@@ -21,23 +28,31 @@ Implementation choices, each deliberate:
     sampled the rollouts, gives the PPO ratio; the two are kept apart by name.
  3. Every term is a token-mean over the response tokens of the global mini-batch (all ranks),
     including the gated OPD term: gated-out rollouts count in the denominator with zero loss.
+    (The official code normalises per micro-batch, which at LLM scale is close to this.)
  4. The temperature divides student and teacher logits alike, so both are distributions of the
-    same sampling policy (the official code divides only the student's). The official code also
-    clamps the per-token KL at 20 and keeps the teacher in bf16; here it is exact fp32. At the
-    default temperature 1 in fp32 these differences vanish.
- 5. The gate defaults to on (--opd_gate positive, the paper's loss); --opd_gate all is the
-    official scripts' default. DAPO dynamic sampling is off unless --filter_groups (the official
-    scripts set it, but the released code never reads the setting).
- 6. kl_ref is logged with the k3 estimator exp(-log w) - 1 + log w >= 0 of KL(pi || pi_ref), on
-    tokens sampled from pi_old (exact in the first mini-batch, slightly off-policy after it).
- 7. Baselines: --algo grpo drops the distillation term and skips the teacher forward (beta logged
-    as 0); rlsd uses the teacher only to reweight the advantage per token (rlsd_advantages); opd
-    keeps the distillation term, ungated, and drops the verifier term.
- 8. No (tokens, V) tensor of the whole batch is ever formed: the lm_head is applied in chunks, and
+    same sampling policy (the official code divides only the student's, and keeps the teacher in
+    bf16; here the KL is fp32). At the default temperature 1 in fp32 these differences vanish.
+ 5. The step k of beta(k) and of RLSD's lambda counts from 1, as the official trainer's does:
+    beta(1) = beta / T_warm, beta(T) = 0. The reward is 1/0 (the official verifier's is +1/-1:
+    the same advantages; in GRPO's reward-KL penalty, the same as half its coefficient).
+ 6. DAPO dynamic sampling is off unless --filter_groups: the released scripts set it, but the
+    released trainer never reads the setting, so no official run drops a group.
+ 7. Baselines as in their official scripts: --algo grpo is clip (0.2, 0.2), no dual clip (c = 1000),
+    no reference loss term but a k1 KL penalty in the reward (kl_in_reward_scores); --algo rlsd
+    reweights the advantage per token from teacher log-probs taken once per rollout batch
+    (rlsd_advantages); --algo opd keeps the distillation term alone, ungated. "SDPG without
+    beta" is --beta 0 (GRPO plus the reference term, under the recipe's clip).
+ 8. The official release warms the learning rate up over 10 rollout steps; here it is constant,
+    for every method alike. kl_ref is logged with the k3 estimator exp(-log w) - 1 + log w >= 0.
+ 9. No (tokens, V) tensor of the whole batch is ever formed: the lm_head is applied in chunks, and
     the exact KL's backward uses its closed form (fused_reverse_kl in model.py; full_vocab_reverse_kl
     here is the readable reference the tests hold it to). The no-grad passes (teacher, pi_old,
     pi_ref) run each prompt once and share it among its G responses (GPT.score).
- 9. A non-finite gradient skips the update; Ctrl-C finishes the step, saves and exits.
+10. A non-finite gradient skips the update; Ctrl-C finishes the step, saves and exits.
+
+The official code cited below is github.com/yifanzhang-pro/SDPG at 0c818c0 (core_algos.py is
+verl/trainer/ppo/core_algos.py, dp_actor.py verl/workers/actor/dp_actor.py, the scripts
+examples/rpg2_trainer/run_qwen3_4b_*_boxed.sh).
 
 Run:
     python sdpg.py                                  # CPU or one GPU
@@ -106,13 +121,24 @@ parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weigh
 parser.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0: off)")
 parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
 parser.add_argument("--max_new_tokens", type=int, default=8, help="longest response")
-parser.add_argument("--clip_low", type=float, default=0.2, help="eps_low of the PPO clip")
-parser.add_argument("--clip_high", type=float, default=0.28, help="eps_high (DAPO clip-higher)")
-parser.add_argument("--dual_clip", type=float, default=10.0, help="c of the dual clip for A < 0")
-parser.add_argument("--beta", type=float, default=0.05, help="weight of the self-distillation term")
-parser.add_argument("--beta_warmup", type=int, default=0, help="T_warm: steps of linear beta warm-up (0: off)")
-parser.add_argument("--beta_decay", type=int, default=0, help="T_decay: final steps of linear beta decay (0: off)")
-parser.add_argument("--opd_gate", type=str, default="positive", choices=["positive", "all"], help="distil on A>0 rollouts or all")
+# the recipe: --recipe sets each flag below that reads "recipe"; a flag given explicitly wins
+parser.add_argument("--recipe", type=str, default="paper", choices=["paper", "release"], help="the paper's section 4.1 "
+                    "configuration, or the released script's (see the docstring)")
+parser.add_argument("--clip_low", type=float, default=None, help="eps_low of the PPO clip (recipe: 0.2)")
+parser.add_argument("--clip_high", type=float, default=None, help="eps_high (recipe: paper 0.2, release 0.28)")
+parser.add_argument("--dual_clip", type=float, default=None, help="c of the dual clip for A < 0 (recipe: 10)")
+parser.add_argument("--beta", type=float, default=0.05, help="weight of the self-distillation term (peak of the schedule)")
+parser.add_argument("--beta_warmup", type=float, default=None, help="T_warm: steps of linear beta warm-up, 0 off "
+                    "(recipe: paper rl_steps/8, release 0)")
+parser.add_argument("--beta_decay", type=float, default=None, help="T_decay: final steps of linear beta decay, 0 off "
+                    "(recipe: paper 7*rl_steps/8, release 0)")
+parser.add_argument("--opd_gate", type=str, default=None, choices=["positive", "all"], help="distil on A>0 rollouts "
+                    "or on all (recipe: paper positive, release all)")
+parser.add_argument("--kl_cap", type=float, default=None, help="cap of the per-token distillation KL, 0 off (recipe: 20)")
+parser.add_argument("--opd_exclude_eot", action="store_true", help="no distillation KL on end-of-text tokens (official "
+                    "option, off by default)")
+parser.add_argument("--kl_in_reward", type=float, default=None, help="coefficient of the k1 KL-to-reference penalty "
+                    "subtracted from the reward (official GRPO; recipe: 0, grpo 1e-3)")
 parser.add_argument("--teacher", type=str, default="current", choices=["current", "frozen"], help="weights of the "
                     "teacher view: current (the model being trained, as the paper) or frozen (pi_ref, the warm start)")
 parser.add_argument("--rlsd_lambda", type=float, default=0.5, help="RLSD: initial mixing weight lambda of the "
@@ -123,7 +149,8 @@ parser.add_argument("--filter_groups", action="store_true", help="DAPO dynamic s
                     "all equal and sample more prompts in their place")
 parser.add_argument("--max_gen_batches", type=int, default=10, help="with --filter_groups: most rollout batches per step; "
                     "if still short, the batch is filled with dropped groups")
-parser.add_argument("--alpha", type=float, default=1e-3, help="weight of the reference penalty")
+parser.add_argument("--alpha", type=float, default=None, help="weight of the reference penalty (recipe: 1e-3, "
+                    "grpo and rlsd 0)")
 parser.add_argument("--diag_every", type=int, default=20, help="RL steps between loss diagnostics: per-term gradient "
                     "norms, KL estimators vs exact (0: off)")
 parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many RL steps in a row with a "
@@ -131,6 +158,32 @@ parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after thi
 parser.add_argument("--debug_nan_at", type=int, default=-1, help="testing aid: poison the loss from this RL step on")
 parser.add_argument("--kl_mode", type=str, default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="form of the reference penalty")
 parser.error = die  # argparse's own errors (unknown flag, bad choice) become one line too
+
+# Each recipe is a whole configuration, read from the official code (docstring: the repository
+# and commit). The schedule lengths are fractions of --rl_steps: the paper's 50 and 350 of 400.
+RECIPES = {
+    "paper": dict(opd_gate="positive", beta_warmup=1 / 8, beta_decay=7 / 8, clip_low=0.2, clip_high=0.2,
+                  dual_clip=10.0, kl_cap=20.0, alpha=1e-3, kl_in_reward=0.0),
+    # run_qwen3_4b_sdpg_boxed.sh:42-48 (beta, alpha, schedule off, gate off, urkl), :60-61 (clip),
+    # :152 (dual clip); the cap is dp_actor.py:632
+    "release": dict(opd_gate="all", beta_warmup=0.0, beta_decay=0.0, clip_low=0.2, clip_high=0.28,
+                    dual_clip=10.0, kl_cap=20.0, alpha=1e-3, kl_in_reward=0.0),
+}
+BASELINES = {  # the official baseline scripts' settings, whatever the recipe
+    # run_qwen3_4b_grpo_original_boxed.sh:35-43: clip 0.2/0.2, c = 1000, no KL loss, k1 KL 1e-3 in the reward
+    "grpo": dict(clip_low=0.2, clip_high=0.2, dual_clip=1000.0, alpha=0.0, kl_in_reward=1e-3),
+    # run_qwen3_4b_rlsd_boxed.sh leaves the clip at verl's defaults (actor.yaml:36-42, 112): 0.2/0.2, c = 3
+    "rlsd": dict(clip_low=0.2, clip_high=0.2, dual_clip=3.0, alpha=0.0, kl_in_reward=0.0),
+}
+
+
+def resolve(args):
+    """Fill every flag left at None from the algorithm's official settings, then the recipe."""
+    settings = {**RECIPES[args.recipe], **BASELINES.get(args.algo, {})}
+    for k, v in settings.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v * args.rl_steps if k in ("beta_warmup", "beta_decay") else v)
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -146,12 +199,21 @@ def group_advantages(rewards, group_size, eps=1e-6):
 
 def rlsd_advantages(adv, teacher_logp, old_logp, lam, clip=0.2):
     """RLSD (arXiv 2604.03128): no distillation loss; the teacher reweights the advantage per token.
-    delta_t = SG(log q_t(y_t) - log pi_old(y_t)),  w_t = clip(exp(sign(A) delta_t), 1 - clip, 1 + clip),
-    A_t = (1 - lam) A + lam A w_t: a correct rollout's tokens the teacher favours, and a wrong one's
-    tokens it disfavours, weigh up to 1 + clip. adv (B,), teacher_logp, old_logp (B, Tr) -> (B, Tr)."""
+    delta_t = SG(clamp(log q_t(y_t) - log pi_old(y_t), -20, 20)),
+    w_t = clip(exp(sign(A) delta_t), 1 - clip, 1 + clip),  A_t = (1 - lam) A + lam A w_t:
+    a correct rollout's tokens the teacher favours, and a wrong one's tokens it disfavours, weigh up
+    to 1 + clip (official: core_algos.py:461-477). adv (B,), teacher_logp, old_logp (B, Tr) -> (B, Tr)."""
     a = adv[:, None]
-    w = torch.clamp(torch.exp(torch.sign(a) * (teacher_logp - old_logp).detach()), 1 - clip, 1 + clip)
+    delta = (teacher_logp - old_logp).detach().clamp(-20, 20)
+    w = torch.clamp(torch.exp(torch.sign(a) * delta), 1 - clip, 1 + clip)
     return (1 - lam) * a + lam * a * w
+
+
+def kl_in_reward_scores(rewards, old_logp, ref_logp, mask, coef):
+    """Official GRPO's reward: s_i = R_i - coef * sum_t (log pi_old(y_t) - log pi_ref(y_t)), the k1
+    estimate of KL(pi_old || pi_ref) summed over the response (ray_trainer.py:91-97 subtracts it per
+    token, core_algos.py:629 sums the token rewards). (B,), (B, Tr) x3 -> (B,); advantages follow as usual."""
+    return rewards - coef * ((old_logp - ref_logp) * mask).sum(1)
 
 
 def clipped_surrogate(logp, old_logp, adv, clip_low=0.2, clip_high=0.28, dual_clip=10.0):
@@ -195,7 +257,8 @@ def ref_penalty(logp, ref_logp, mode):
 
 
 def beta_schedule(step, total_steps, beta, warmup, decay):
-    """beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay), k = 0 .. T-1;
+    """beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay) at step k = 1 .. T, counted
+    from 1 as the official trainer does (core_algos.py:191-210): beta(1) = beta / T_warm, beta(T) = 0.
     warmup = 0 or decay = 0 switches that factor off."""
     up = min(1.0, step / warmup) if warmup > 0 else 1.0
     down = min(1.0, max(0.0, (total_steps - step) / decay)) if decay > 0 else 1.0
@@ -216,7 +279,8 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     ranks yields the token-mean over the global mini-batch. model: the (possibly DDP-wrapped)
     student; weight: the tied output matrix W (V, H). mb holds the rollouts: the student prompts,
     resp and mask (B, Tr), adv (B,) or per token (B, Tr) for rlsd, old_logp and ref_logp (B, Tr),
-    and for sdpg and opd the teacher's hidden states h_teacher (B, Tr, H), computed without gradient.
+    and for sdpg and opd the teacher's hidden states h_teacher (B, Tr, H), computed without gradient,
+    and is_eot (B, Tr), True at end-of-text tokens.
     args.algo picks the terms: sdpg out + ref + opd, grpo and rlsd out + ref, opd ref + opd (ungated).
     Returns the loss, per-token metric sums (over this rank's response tokens), and the loss split
     into its terms {out, ref, opd} (each already weighted and normalised; they sum to the loss)."""
@@ -237,10 +301,15 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     sums = {}
     if args.algo in ("sdpg", "opd"):
         kl = fused_reverse_kl(h, mb["h_teacher"].flatten(0, 1), W, T, C).view(resp.shape)  # (B, Tr)
+        kl_used = kl
+        if args.kl_cap > 0:  # min(KL, 20) per token, no gradient where capped (dp_actor.py:632)
+            kl_used = torch.clamp(kl_used, max=args.kl_cap)
+        if args.opd_exclude_eot:  # (core_algos.py:213-229, 299-300)
+            kl_used = kl_used * ~mb["is_eot"]
         positive = args.algo == "sdpg" and args.opd_gate == "positive"  # opd has no advantage to gate on
         gate = (adv > 0).float() if positive else torch.ones_like(adv)
-        per_token["opd"] = beta * gate * kl
-        sums = {"loss_opd": gate * kl, "kl_teacher": kl}
+        per_token["opd"] = beta * gate * kl_used
+        sums = {"loss_opd": gate * kl_used, "kl_teacher": kl, "kl_teacher_eot": kl * mb["is_eot"]}
     # token-mean over the global mini-batch: sum over this rank's response tokens, divided by the
     # response tokens of all ranks; times world_size because DDP averages gradients over ranks
     terms = {k: (v * m).sum() * world_size / n_tokens_global for k, v in per_token.items()}
@@ -258,7 +327,7 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
 # the run: setup, stage 1 (warm start), stage 2 (RL with SDPG)
 
 if __name__ == "__main__":
-    args = parser.parse_args()
+    args = resolve(parser.parse_args())
     validate(args)
     try:
         enc = get_encoding(args.tokenizer)
@@ -379,8 +448,9 @@ if __name__ == "__main__":
     t_run, bad_streak = time.time(), 0
     for step in range(start_step, args.rl_steps):
         t0 = now()
-        beta = beta_schedule(step, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay) if args.algo in ("sdpg", "opd") else 0.0
-        lam = args.rlsd_lambda * (max(0.0, 1 - step / args.rlsd_decay) if args.rlsd_decay else 1.0)
+        k = step + 1  # the official step numbering starts at 1
+        beta = beta_schedule(k, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay) if args.algo in ("sdpg", "opd") else 0.0
+        lam = args.rlsd_lambda * (max(0.0, 1 - k / args.rlsd_decay) if args.rlsd_decay else 1.0)  # core_algos.py:468-474
 
         # 1. rollouts from the student view, scored by the verifier (--filter_groups: DAPO dynamic
         # sampling keeps only groups whose rewards differ, sampling more batches for them)
@@ -393,15 +463,24 @@ if __name__ == "__main__":
         cx = batch["cx"].repeat_interleave(G, 0)  # (P*G, Tc+Tp)
         resp, mask, rewards = batch["resp"], batch["mask"], batch["rewards"]
 
-        # 2. group-relative advantages
-        adv = group_advantages(rewards, G)  # (P*G,)
-
-        # 3. log-probs of the sampled tokens under pi_old (the rollout weights) and pi_ref
+        # 2. log-probs of the sampled tokens under pi_old (the rollout weights) and pi_ref; for rlsd
+        # the teacher's too, once per rollout batch from the weights that sampled it (ray_trainer.py:1632-1638)
         t_rollout = now() - t0
         with torch.no_grad(), ctx:
             old_logp = sampled_logprobs(model, x[::G], resp, G, args.temperature, args.kl_chunk)  # (P*G, Tr)
             ref_logp = sampled_logprobs(ref_model, x[::G], resp, G, args.temperature, args.kl_chunk)
+            if args.algo == "rlsd":
+                teacher_logp = sampled_logprobs(teacher_model, cx[::G], resp, G, args.temperature, args.kl_chunk)
         t_logp = now() - t0 - t_rollout
+
+        # 3. group-relative advantages (official GRPO: of the reward less a KL-to-reference penalty;
+        # rlsd: reweighted per token by the teacher)
+        scores = rewards
+        if args.kl_in_reward:
+            scores = kl_in_reward_scores(rewards, old_logp, ref_logp, mask, args.kl_in_reward)
+        adv = group_advantages(scores, G)  # (P*G,)
+        if args.algo == "rlsd":
+            adv = rlsd_advantages(adv, teacher_logp, old_logp, lam, args.rlsd_clip)  # (P*G, Tr)
 
         # 4. several updates per rollout batch, each on a slice of whole groups
         sums, t_teacher, t_update, skipped, diag = {}, 0.0, 0.0, 0, {}
@@ -409,14 +488,11 @@ if __name__ == "__main__":
         for j in range(args.num_minibatches):
             s = slice(j * n_mb, (j + 1) * n_mb)
             mb = {"student": x[s], "resp": resp[s], "mask": mask[s], "adv": adv[s],
-                  "old_logp": old_logp[s], "ref_logp": ref_logp[s]}
+                  "old_logp": old_logp[s], "ref_logp": ref_logp[s], "is_eot": resp[s] == enc.eot_token}
             t_a = now()
             # the teacher view: the current weights, no gradient, reading c + x + y (c + x once per prompt)
-            with torch.no_grad(), ctx:
-                if args.algo == "rlsd":  # the teacher only reweights the advantage, from its log-probs
-                    teacher_logp = sampled_logprobs(teacher_model, cx[s][::G], resp[s], G, args.temperature, args.kl_chunk)
-                    mb["adv"] = rlsd_advantages(adv[s], teacher_logp, old_logp[s], lam, args.rlsd_clip)
-                elif args.algo != "grpo":
+            if args.algo in ("sdpg", "opd"):
+                with torch.no_grad(), ctx:
                     mb["h_teacher"] = teacher_model.score(cx[s][::G], resp[s], G)  # (B, Tr, H)
             t_b = now()
             n_tokens_global = all_sum(mask[s].sum()).item()  # every rank calls this, whatever its lengths
@@ -452,6 +528,8 @@ if __name__ == "__main__":
         rec = {"phase": "rl", "step": step + 1, "reward": r_sum / n_gen, "signal_frac": n_signal * G / n_gen,
                "gen_batches": n_gen / (P * G * world_size), **{k: v / n_tok for k, v in zip(names, totals)},
                "resp_len": n_tok / n_roll, "beta": beta, **({"rlsd_lambda": lam} if args.algo == "rlsd" else {}),
+               **({"eot_kl_share": totals[names.index("kl_teacher_eot")] / max(totals[names.index("kl_teacher")], 1e-30)}
+                  if "kl_teacher" in names else {}),
                "tok_per_s": n_tok / dt, "dt": dt,
                "dt_rollout": t_rollout, "dt_logp": t_logp, "dt_teacher": t_teacher, "dt_update": t_update,
                "skipped": skipped, **diag}

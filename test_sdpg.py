@@ -177,7 +177,7 @@ def test_per_term_gradients_sum_to_the_total_gradient():
     model = tiny_gpt(torch.float64)
     mb = fixed_rollouts(model, 4, seed=12)
     mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
-    args = sdpg.parser.parse_args(["--alpha", "0.2", "--opd_gate", "all", "--group_size", "1"])  # one row per prompt
+    args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.2", "--opd_gate", "all", "--group_size", "1"]))  # one row per prompt
     n = mb["mask"].sum().item()
     params = list(model.parameters())
     loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n, 1)
@@ -256,14 +256,49 @@ def test_ref_penalty_four_forms_from_probabilities():
 
 
 def test_beta_schedule_hand_worked():
+    """beta(k) = beta min(1, k/T_warm) min(1, (T-k)/T_decay), k counted from 1 as the official trainer."""
     f = sdpg.beta_schedule
-    assert f(0, 100, 0.5, 0, 0) == 0.5 and f(99, 100, 0.5, 0, 0) == 0.5  # both parts off
-    assert f(0, 100, 0.5, 10, 0) == 0.0
-    assert f(5, 100, 0.5, 10, 0) == pytest.approx(0.25)
-    assert f(50, 100, 0.5, 10, 0) == 0.5
-    assert f(80, 100, 0.5, 0, 40) == pytest.approx(0.5 * 20 / 40)
-    assert f(95, 100, 0.5, 10, 20) == pytest.approx(0.5 * 5 / 20)
-    assert f(100, 100, 0.5, 0, 20) == 0.0 and f(120, 100, 0.5, 0, 20) == 0.0
+    assert f(1, 100, 0.5, 0, 0) == 0.5 and f(100, 100, 0.5, 0, 0) == 0.5  # both parts off
+    # the paper's triangle, T = 400, T_warm = 50, T_decay = 350: up over 1..50, down over 50..400
+    assert f(1, 400, 0.5, 50, 350) == pytest.approx(0.5 / 50)  # k = 1
+    assert f(50, 400, 0.5, 50, 350) == 0.5  # k = T_warm = T - T_decay: the peak
+    assert f(225, 400, 0.5, 50, 350) == pytest.approx(0.25)  # halfway down
+    assert f(400, 400, 0.5, 50, 350) == 0.0  # k = T
+    # separate ramps: up to k = 10, flat, down from k = T - T_decay = 80
+    assert f(5, 100, 0.5, 10, 20) == pytest.approx(0.25) and f(10, 100, 0.5, 10, 20) == 0.5
+    assert f(80, 100, 0.5, 10, 20) == 0.5 and f(90, 100, 0.5, 10, 20) == pytest.approx(0.25)
+    assert f(100, 100, 0.5, 10, 20) == 0.0 and f(120, 100, 0.5, 0, 20) == 0.0
+
+
+def test_recipes_resolve_to_the_official_settings_and_explicit_flags_win():
+    def resolved(*flags):
+        return vars(sdpg.resolve(sdpg.parser.parse_args(list(flags))))
+    paper = resolved("--rl_steps", "400")
+    assert (paper["recipe"], paper["opd_gate"], paper["beta_warmup"], paper["beta_decay"]) == ("paper", "positive", 50, 350)
+    assert (paper["clip_low"], paper["clip_high"], paper["dual_clip"], paper["kl_cap"]) == (0.2, 0.2, 10, 20)
+    release = resolved("--recipe", "release")
+    assert (release["opd_gate"], release["beta_warmup"], release["beta_decay"]) == ("all", 0, 0)
+    assert (release["clip_low"], release["clip_high"], release["dual_clip"], release["kl_cap"]) == (0.2, 0.28, 10, 20)
+    assert resolved("--clip_high", "0.3", "--opd_gate", "all")["clip_high"] == 0.3  # explicit flags win
+    assert resolved("--recipe", "release", "--opd_gate", "positive")["opd_gate"] == "positive"
+    grpo = resolved("--algo", "grpo")  # the official GRPO script, whatever the recipe
+    assert (grpo["clip_low"], grpo["clip_high"], grpo["dual_clip"], grpo["alpha"], grpo["kl_in_reward"]) == (0.2, 0.2, 1000, 0, 1e-3)
+    assert resolved("--algo", "grpo", "--alpha", "0.01")["alpha"] == 0.01
+    rlsd = resolved("--algo", "rlsd")
+    assert (rlsd["clip_high"], rlsd["dual_clip"], rlsd["alpha"], rlsd["kl_in_reward"]) == (0.2, 3, 0, 0)
+
+
+def test_kl_in_reward_scores_hand_worked():
+    """Official GRPO: s_i = R_i - coef * sum_t mask (log pi_old - log pi_ref), then group advantages."""
+    rewards = torch.tensor([1.0, 0.0])
+    old = torch.tensor([[-0.1, -0.2, -9.0], [-0.3, 0.0, -9.0]])
+    ref = torch.tensor([[-0.2, -0.2, 0.0], [-0.1, -0.5, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # the third position is padding
+    s = sdpg.kl_in_reward_scores(rewards, old, ref, mask, 0.5)
+    assert_close(s, torch.tensor([1 - 0.5 * 0.1, 0 - 0.5 * -0.2]))
+    # an all-correct group is no longer all-equal: the KL alone sets the sign of the advantages
+    a = sdpg.group_advantages(sdpg.kl_in_reward_scores(torch.ones(2), old, ref, mask, 1e-3), 2)
+    assert a[0] < 0 < a[1]
 
 
 # -----------------------------------------------------------------------------
@@ -419,7 +454,8 @@ def test_named_tokenizer_works_or_fails_with_one_clear_line():
 # -----------------------------------------------------------------------------
 # the loss on a mini-batch: DDP normalisation and the gate
 
-def fixed_rollouts(model, n, seed):
+def fixed_rollouts(model, n, seed, eot_last=False):
+    """n rollouts of random tokens with uneven lengths; eot_last: each row ends with end-of-text."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     a, b = data.sample_problems(rng, n, np.array([], dtype=np.int64))
@@ -429,6 +465,8 @@ def fixed_rollouts(model, n, seed):
     mask = torch.zeros(n, 6)
     for i, length in enumerate(torch.randint(1, 7, (n,)).tolist()):  # uneven response lengths
         mask[i, :length] = 1
+        if eot_last:
+            resp[i, length - 1:] = ENC.eot_token
     with torch.no_grad():
         logp = torch.log_softmax(sdpg.response_logits(model, x, resp), -1).gather(-1, resp[..., None])[..., 0]
         old = logp + 0.1 * torch.randn(n, 6)
@@ -436,7 +474,7 @@ def fixed_rollouts(model, n, seed):
         h_teacher = sdpg.response_hidden(model, cx, resp)  # (n, 6, H), as the loop computes it
     adv = torch.randn(n)
     return {"student": x, "resp": resp, "mask": mask, "adv": adv, "old_logp": old, "ref_logp": ref,
-            "h_teacher": h_teacher}
+            "h_teacher": h_teacher, "is_eot": resp == ENC.eot_token}
 
 
 def grads(model, mb, args, world_size, n_tokens_global):
@@ -450,7 +488,7 @@ def test_ddp_normalisation_two_ranks_equal_one_rank_on_fixed_rollouts():
     """Two ranks with 3 rollouts each (uneven lengths), gradients averaged as DDP does, equal one
     rank holding all 6: token-mean over the global token count, whatever each rank holds."""
     model = tiny_gpt(torch.float64)
-    args = sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "all"])
+    args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "all"]))
     mb = fixed_rollouts(model, 6, seed=4)
     mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
     n_global = mb["mask"].sum().item()
@@ -470,7 +508,7 @@ def test_padding_positions_cannot_turn_the_gradient_into_nan():
     mb["mask"][0, 3:] = 0
     mb["old_logp"][0, 4] = -1000.0  # ratio exp(+~1000) = inf at a padding position
     mb["ref_logp"][0, 5] = 1000.0  # pi_ref / pi_theta = inf there too
-    args = sdpg.parser.parse_args(["--kl_mode", "fkl", "--alpha", "0.1"])
+    args = sdpg.resolve(sdpg.parser.parse_args(["--kl_mode", "fkl", "--alpha", "0.1"]))
     g = grads(model, mb, args, 1, mb["mask"].sum().item())
     assert torch.isfinite(g).all()
 
@@ -481,10 +519,10 @@ def test_positive_gate_drops_distillation_on_non_positive_advantages():
     mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
     mb["adv"] = torch.tensor([-1.0, 0.0, -0.5, 0.0], dtype=torch.float64)
     n = mb["mask"].sum().item()
-    sd = sdpg.parser.parse_args(["--algo", "sdpg", "--opd_gate", "positive"])
-    gr = sdpg.parser.parse_args(["--algo", "grpo"])
+    sd = sdpg.resolve(sdpg.parser.parse_args(["--algo", "sdpg", "--opd_gate", "positive"]))
+    gr = sdpg.resolve(sdpg.parser.parse_args(["--algo", "grpo", "--alpha", "1e-3", "--dual_clip", "10"]))  # same clip
     assert_close(grads(model, mb, sd, 1, n), grads(model, mb, gr, 1, n))
-    ungated = sdpg.parser.parse_args(["--algo", "sdpg", "--opd_gate", "all"])
+    ungated = sdpg.resolve(sdpg.parser.parse_args(["--algo", "sdpg", "--opd_gate", "all"]))
     assert not torch.allclose(grads(model, mb, ungated, 1, n), grads(model, mb, gr, 1, n))
 
 
@@ -494,7 +532,7 @@ def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
     model = tiny_gpt(torch.float64)
     mb = fixed_rollouts(model, 4, seed=9)
     mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
-    args = sdpg.parser.parse_args(["--algo", "opd", "--alpha", "0.1", "--opd_gate", "positive"])
+    args = sdpg.resolve(sdpg.parser.parse_args(["--algo", "opd", "--alpha", "0.1", "--opd_gate", "positive"]))
     m, n = mb["mask"], mb["mask"].sum()
     loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
     z_s = sdpg.response_logits(model, mb["student"], mb["resp"])
@@ -506,6 +544,33 @@ def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
     assert_close(loss, ((0.3 * kl + 0.1 * ref) * m).sum() / n)
     mb["adv"] = -mb["adv"]  # a different verifier outcome: the same loss
     assert_close(sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)[0], loss)
+
+
+def test_kl_cap_and_end_of_text_exclusion_against_float64_autograd():
+    """--kl_cap c --opd_exclude_eot: beta * token-mean of min(KL, c) over tokens that are not
+    end-of-text; the capped tokens give no gradient. Reference: autograd through the full logits."""
+    model = tiny_gpt(torch.float64)
+    mb = fixed_rollouts(model, 4, seed=11, eot_last=True)
+    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
+    m, n = mb["mask"], mb["mask"].sum()
+    assert (mb["is_eot"] & (m > 0)).sum() == 4  # one end-of-text token in each row
+    z_s = sdpg.response_logits(model, mb["student"], mb["resp"])
+    z_t = mb["h_teacher"] @ model.lm_head_weight.T
+    kl = sdpg.full_vocab_reverse_kl(z_s, z_t)  # (4, 6), with autograd
+    cap = kl[m > 0].median().item()  # half of the tokens are capped
+    for exclude in (False, True):
+        flags = ["--opd_gate", "all", "--alpha", "0", "--kl_cap", str(cap)] + (["--opd_exclude_eot"] if exclude else [])
+        args = sdpg.resolve(sdpg.parser.parse_args(flags))
+        _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
+        keep = (~mb["is_eot"]).double() if exclude else torch.ones_like(m)
+        expected = 0.3 * (torch.clamp(kl, max=cap) * keep * m).sum() / n
+        assert_close(terms["opd"], expected)
+        params = list(model.parameters())
+        for g, g_ref in zip(torch.autograd.grad(terms["opd"], params, retain_graph=True),
+                            torch.autograd.grad(expected, params, retain_graph=True)):
+            assert_close(g, g_ref)
+        assert_close(sums["kl_teacher"], (kl * m).sum())  # the logged KL is the uncapped one
+        assert_close(sums["kl_teacher_eot"], (kl * mb["is_eot"] * m).sum())
 
 
 def test_rlsd_advantages_hand_worked():
@@ -521,6 +586,9 @@ def test_rlsd_advantages_hand_worked():
     assert_close(a_t, expected)
     assert not a_t.requires_grad  # the teacher's weight is a constant (stop-gradient)
     assert_close(sdpg.rlsd_advantages(adv, teacher, old, lam=0.0), adv[:, None].expand(3, 3))  # lam 0: GRPO
+    # delta is clamped to [-20, 20] first: A = 0 with a teacher log-prob of -inf gives 0, not 0 * inf = NaN
+    assert_close(sdpg.rlsd_advantages(torch.tensor([0.0, 1.0]), torch.full((2, 1), -float("inf")), torch.zeros(2, 1), 0.5),
+                 torch.tensor([[0.0], [0.5 + 0.5 * 0.8]]))
 
 
 def fake_rollouts(rewards_per_group, length, tag):
@@ -574,7 +642,7 @@ def test_smoke_run_writes_log_checkpoint_and_reuses_warm_start(tmp_path):
     evals = [r for r in log if r["phase"] == "eval"]
     assert [r["step"] for r in rl] == [1, 2, 3] and [r["step"] for r in evals] == [0, 2, 3]
     for key in ["reward", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref", "entropy", "resp_len",
-                "beta", "clip_frac", "tok_per_s", "dt"]:
+                "beta", "clip_frac", "tok_per_s", "dt", "eot_kl_share"]:
         assert all(math.isfinite(r[key]) for r in rl), key
     assert all(0 <= r["eval_acc"] <= 1 and 0 <= r["teacher_acc"] <= 1 for r in evals)
     assert all(0 <= r["pass@1"] <= r["pass@4"] <= 1 and r["mean@4"] == pytest.approx(r["pass@1"]) for r in evals)
@@ -593,7 +661,7 @@ def test_smoke_run_writes_log_checkpoint_and_reuses_warm_start(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--algo", "rlsd", "--filter_groups", "--rlsd_decay", "2"],
-                                   ["--algo", "opd", "--teacher", "frozen"]])
+                                   ["--algo", "opd", "--teacher", "frozen", "--recipe", "release"]])
 def test_baselines_run_end_to_end(flags, tmp_path):
     out = str(tmp_path / "run")
     p = run_script(TINY + ["--sft_until", "0", "--diag_every", "1"] + flags + ["--out_dir", out])
@@ -601,7 +669,7 @@ def test_baselines_run_end_to_end(flags, tmp_path):
     rl = [r for r in read_log(out) if r["phase"] == "rl"]
     assert len(rl) == 3 and all(math.isfinite(r["loss"]) and 0 <= r["signal_frac"] <= 1 for r in rl)
     if "rlsd" in flags:  # lambda 0.5 decays linearly to 0 over --rlsd_decay steps
-        assert [r["rlsd_lambda"] for r in rl] == [0.5, 0.25, 0.0] and "kl_teacher" not in rl[0]
+        assert [r["rlsd_lambda"] for r in rl] == [0.25, 0.0, 0.0] and "kl_teacher" not in rl[0]  # k = 1, 2, 3
         assert all(1 <= r["gen_batches"] <= 10 for r in rl)
     else:  # distillation alone: no outcome gradient, a distillation one
         assert "grad_norm_out" not in rl[0] and rl[0]["grad_norm_opd"] > 0 and rl[0]["beta"] == 0.05
@@ -751,7 +819,7 @@ import plumbing, sdpg, test_sdpg
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = test_sdpg.tiny_gpt(torch.float64)
-args = sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "positive"])
+args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "positive"]))
 # rank 0: 3 rollouts of 4 tokens, positive advantages; rank 1: 3 rollouts of 7 tokens, none positive,
 # so the ranks differ in response length and in gated tokens
 batches = []
@@ -868,25 +936,25 @@ def test_study_table_against_hand_computed_seed_statistics(tmp_path):
     sys.path.insert(0, os.path.join(HERE, "tools"))
     import study
     curves = {("grpo", 0): [0.1, 0.2, 0.3], ("grpo", 1): [0.1, 0.3, 0.5],
-              ("sdpg_urkl", 0): [0.1, 0.4, 0.5], ("sdpg_urkl", 1): [0.1, 0.3, 0.4]}
+              ("paper_urkl", 0): [0.1, 0.4, 0.5], ("paper_urkl", 1): [0.1, 0.3, 0.4]}
     for (arm, seed), accs in curves.items():  # sdpg.py logs, as the runs leave them
         os.makedirs(tmp_path / "default" / f"{arm}_s{seed}")
         with open(tmp_path / "default" / f"{arm}_s{seed}" / "log.jsonl", "w") as f:
             f.write(json.dumps({"phase": "config", "eval_size": 1000, "rl_steps": 10}) + "\n")
             rl = {"phase": "rl", "step": 10, "entropy": 0.5, "reward": 0.3}
-            if arm == "sdpg_urkl":  # a diagnostic step: distillation gradient a quarter of the outcome one
+            if arm == "paper_urkl":  # a diagnostic step: distillation gradient a quarter of the outcome one
                 rl.update(kl_teacher=2.0, loss_opd=0.5, grad_norm_out=2.0, grad_norm_opd=0.5, grad_cos_out_opd=0.5)
             f.write(json.dumps(rl) + "\n")
             for i, acc in enumerate(accs):
                 f.write(json.dumps({"phase": "eval", "step": 5 * i, "eval_acc": acc, "teacher_acc": 1.0}) + "\n")
     path = study.collect("default", str(tmp_path), str(tmp_path))
-    md = study.table(study.load(path), 0.4, ["grpo", "sdpg_urkl"])
-    grpo, sdpg = (line for line in md.splitlines() if line.startswith(("| grpo", "| sdpg")))
+    md = study.table(study.load(path), 0.4, ["grpo", "paper_urkl"])
+    grpo, sdpg = (line for line in md.splitlines() if line.startswith(("| grpo", "| paper")))
     s = math.sqrt(2 * 0.1 ** 2)  # sample std of two values 0.2 apart
     assert grpo.split(" | ")[2:5] == [f"0.400 ± {s:.3f}", f"0.400 ± {s:.3f}", "10 (1/2 seeds)"]
     # sdpg: final 0.5, 0.4; reaches 0.4 at steps 5 and 10; at step 2 (20% of 10) the nearest
     # evaluation is step 0: gaps 0, 0; final gaps 0.5 - 0.3 = 0.2 and 0.4 - 0.5 = -0.1
-    assert "| sdpg_urkl | 0.250 | 0.50 | 0.250 |" in study.mechanism_table(study.load(path), ["grpo", "sdpg_urkl"])
+    assert "| paper_urkl | 0.250 | 0.50 | 0.250 |" in study.mechanism_table(study.load(path), ["grpo", "paper_urkl"])
     cells = sdpg.split(" | ")
     assert cells[2:7] == [f"0.450 ± {math.sqrt(0.005):.3f}", f"0.450 ± {math.sqrt(0.005):.3f}", "8 (2/2 seeds)",
                           "0.000 ± 0.000", f"0.050 ± {math.sqrt(0.045):.3f}"]

@@ -1,11 +1,12 @@
 """
-The paper's comparison in miniature: baselines and ablations x seeds x two regimes, from one
-cached warm start per seed and regime; markdown tables per regime and figures.
+The paper's comparison in miniature: the official GRPO, SDPG under the paper's recipe (urkl and
+ufkl), SDPG under the released script's recipe, and the paper's "without beta" ablation, x seeds x
+two regimes, from one cached warm start per seed and regime; markdown tables and a figure.
 
-    python tools/study.py                         # both regimes, 7 arms x 3 seeds; out/study, results/study
-    python tools/study.py --sweep                 # SDPG variants (gate, beta, alpha, frozen teacher)
+    python tools/study.py                         # both regimes: 5 arms x 5 seeds (default), x 3 (sparse)
     python tools/study.py --regimes sparse --seeds 0 1 2 3 4
-    python tools/study.py --report                # tables and figures again from results/study/*.jsonl
+    python tools/study.py --arms grpo rlsd opd    # baselines beyond the main five (EXTRA)
+    python tools/study.py --report                # tables and figure again from results/study/*.jsonl
 
 Each run is `python sdpg.py <regime flags> <arm flags> --seed S`, one thread each, --jobs at a
 time. The warm start of each (regime, seed) runs once; every arm of that seed starts RL from a
@@ -40,36 +41,32 @@ REGIMES = {  # flags of the warm start (and so of every run) | accuracy target f
     "sparse": (["--sft_until", "0.03"], 0.05),  # a shorter warm start: the student at 1 to 5%
     "digits3": (["--digits", "3"], 0.3),  # a harder task, run on request: --regimes digits3
 }
-ARMS = {  # name: flags on top of sdpg.py's defaults (SDPG-URKL, gated, beta 0.05, alpha 1e-3)
-    "grpo": ["--algo", "grpo", "--alpha", "0"],  # L_out alone
-    "sdpg_urkl": [],
-    "sdpg_ufkl": ["--kl_mode", "ufkl"],
-    "rlsd": ["--algo", "rlsd"],
-    "opd": ["--algo", "opd"],  # the distillation term alone, no verifier
-    "sdpg_beta0": ["--beta", "0"],  # = L_out + alpha L_ref
-    "sdpg_alpha0": ["--alpha", "0"],
+ARMS = {  # name: flags on top of sdpg.py's defaults (beta 0.05, alpha 1e-3, urkl)
+    "grpo": ["--algo", "grpo"],  # the official GRPO: clip 0.2/0.2, no dual clip, k1 KL 1e-3 in the reward
+    "paper_urkl": ["--recipe", "paper"],  # SDPG as the paper ran it: gated, beta triangle, clip 0.2/0.2
+    "paper_ufkl": ["--recipe", "paper", "--kl_mode", "ufkl"],  # the paper's other reference penalty
+    "release": ["--recipe", "release"],  # the released script: ungated, constant beta, clip 0.2/0.28
+    "paper_beta0": ["--recipe", "paper", "--beta", "0"],  # the paper's "without beta" ablation
 }
-SWEEP = {  # SDPG variants (python tools/study.py --sweep): the gate, beta over two orders of magnitude, and two
-    # ways to keep the teacher view informative; grpo and sdpg_urkl are reused from the main study
-    "sdpg_all": ["--opd_gate", "all"],
-    "sdpg_beta0.005": ["--beta", "0.005"],
-    "sdpg_beta0.5": ["--beta", "0.5"],
-    "sdpg_alpha0.1": ["--alpha", "0.1"],
-    "sdpg_frozen": ["--teacher", "frozen"],
-    "sdpg_all_alpha0.1": ["--opd_gate", "all", "--alpha", "0.1"],  # ungated with the teacher kept
+EXTRA = {  # run on request with --arms
+    "rlsd": ["--algo", "rlsd"],  # the teacher reweights the advantage (its official script's clip)
+    "opd": ["--algo", "opd", "--recipe", "release"],  # the distillation term alone, no verifier
+    "release_gated": ["--recipe", "release", "--opd_gate", "positive"],  # the release recipe with the gate
 }
+SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "digits3": [0, 1, 2]}  # unless --seeds
 KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each log
-        "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd"),
+        "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd", "beta", "eot_kl_share"),
         "diag": ("grad_norm_out", "grad_norm_opd", "grad_norm_ref", "grad_cos_out_opd")}  # rl records with diagnostics
 
 
 def run_all(regimes, seeds, arms, jobs, out_root, extra):
-    """Warm starts first (one per regime and seed), then every arm; at most `jobs` processes."""
+    """Warm starts first (one per regime and seed), then every arm; at most `jobs` processes.
+    seeds: a list, or None for each regime's SEEDS."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     warm = [(r, s, os.path.join(out_root, r, f"warm_s{s}"), REGIMES[r][0] + ["--rl_steps", "0", "--eval_samples", "0"])
-            for r in regimes for s in seeds]
-    runs = [(r, s, os.path.join(out_root, r, f"{a}_s{s}"), REGIMES[r][0] + COMMON + {**ARMS, **SWEEP}[a])
-            for r in regimes for a in arms for s in seeds]
+            for r in regimes for s in seeds or SEEDS[r]]
+    runs = [(r, s, os.path.join(out_root, r, f"{a}_s{s}"), REGIMES[r][0] + COMMON + {**ARMS, **EXTRA}[a])
+            for r in regimes for a in arms for s in seeds or SEEDS[r]]
     runs = [run for run in runs if not complete(run[2])]  # a finished run is kept, not run again
     warm = [w for w in warm if not complete(w[2]) and any((r, s) == w[:2] for r, s, _, _ in runs)]
     for phase, todo in (("warm start", warm), ("runs", runs)):
@@ -119,7 +116,7 @@ def collect(regime, out_root, results):
     path = os.path.join(results, f"{regime}.jsonl")
     found = os.listdir(os.path.join(out_root, regime))
     with open(path, "w") as out:
-        for arm in {**ARMS, **SWEEP}:
+        for arm in {**ARMS, **EXTRA}:
             for seed in sorted(int(d[len(arm) + 2:]) for d in found if d.startswith(f"{arm}_s") and d[len(arm) + 2:].isdigit()):
                 run_dir = os.path.join(out_root, regime, f"{arm}_s{seed}")
                 if not complete(run_dir):
@@ -257,21 +254,16 @@ def report(regimes, results):
         if not os.path.exists(path):
             sys.exit(f"study.py: error: {path} does not exist; run the study first")
         all_runs[regime] = load(path)
-        md = f"### Regime: {regime}\n\n" + table(all_runs[regime], REGIMES[regime][1], ARMS)
-        if any(a in all_runs[regime] for a in SWEEP):
-            md += (f"\n### Regime: {regime}, SDPG variants\n\n" +
-                   table(all_runs[regime], REGIMES[regime][1], ["grpo", "sdpg_urkl", *SWEEP]))
-        md += f"\n### Regime: {regime}, the distillation signal\n\n" + mechanism_table(all_runs[regime], [*ARMS, *SWEEP])
+        arms = [a for a in {**ARMS, **EXTRA} if a in all_runs[regime]]
+        md = f"### Regime: {regime}\n\n" + table(all_runs[regime], REGIMES[regime][1], arms)
+        md += f"\n### Regime: {regime}, the distillation signal\n\n" + mechanism_table(all_runs[regime], arms)
         with open(os.path.join(results, f"{regime}.md"), "w") as f:
             f.write(md)
         print(md)
     suffix = "" if regimes == ["default", "sparse"] else "_" + "_".join(regimes)  # study.png: the two regimes
     try:
-        main = {regime: {a: runs[a] for a in ARMS if a in runs} for regime, runs in all_runs.items()}
+        main = {regime: {a: runs[a] for a in {**ARMS, **EXTRA} if a in runs} for regime, runs in all_runs.items()}
         print("figure:", figure(main, os.path.join(results, f"study{suffix}.png")))
-        sweep = {regime: {a: runs[a] for a in ["grpo", "sdpg_urkl", *SWEEP] if a in runs} for regime, runs in all_runs.items()}
-        if any(a in runs for runs in sweep.values() for a in SWEEP):
-            print("figure:", figure(sweep, os.path.join(results, f"sweep{suffix}.png")))
     except ImportError:
         print("no figure: matplotlib is not installed (pip install matplotlib)")
 
@@ -279,17 +271,14 @@ def report(regimes, results):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SDPG vs baselines and ablations, several seeds, two regimes")
     parser.add_argument("--regimes", nargs="+", default=["default", "sparse"], choices=list(REGIMES))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS) + list(SWEEP))
-    parser.add_argument("--sweep", action="store_true", help="run the SDPG variants instead of the main arms")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS) + list(EXTRA))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0-4 in the default regime, 0-2 otherwise")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--out_dir", default=os.path.join("out", "study"), help="the runs' own directories")
     parser.add_argument("--results", default=os.path.join(ROOT, "results", "study"), help="collected logs, tables, figure")
     parser.add_argument("--report", action="store_true", help="only redraw the tables and figure from --results")
     args, extra = parser.parse_known_args()  # anything else is passed on to every sdpg.py run
     os.makedirs(args.results, exist_ok=True)
-    if args.sweep:
-        args.arms = ["grpo", "sdpg_urkl", *SWEEP]
     if not args.report:
         if args.jobs < 1 or "grpo" not in args.arms:
             sys.exit("study.py: error: --jobs must be >= 1 and the arms must include grpo (the gaps are to it)")
@@ -297,6 +286,5 @@ if __name__ == "__main__":
         run_all(args.regimes, args.seeds, args.arms, args.jobs, args.out_dir, extra)
         for regime in args.regimes:
             collect(regime, args.out_dir, args.results)
-        print(f"study: {len(args.regimes)} regime(s) x {len(args.arms)} arms x {len(args.seeds)} seeds "
-              f"in {(time.time() - t0) / 60:.1f} min")
+        print(f"study: {len(args.regimes)} regime(s) x {len(args.arms)} arms in {(time.time() - t0) / 60:.1f} min")
     report(args.regimes, args.results)
