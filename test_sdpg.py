@@ -972,6 +972,20 @@ def test_plot_draws_a_png_and_rejects_a_non_log(tmp_path):
         plot.read_log(os.path.join(HERE, "README.md"))
 
 
+def test_plot_summary_tables_match_the_log(tmp_path):
+    """--summary: the evaluation row and the first-ten-steps mean, from a made-up log worked by hand."""
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    import plot
+    path = tmp_path / "log.jsonl"
+    rl = [{"phase": "rl", "step": k, "reward": k / 20, "dt": 0.1 * k} for k in range(1, 21)]
+    evals = [{"phase": "eval", "step": k, "eval_acc": 0.25 + k / 100, "teacher_acc": 1.0} for k in (0, 20)]
+    path.write_text("\n".join(json.dumps(r) for r in [{"phase": "config"}, evals[0], *rl, evals[1]]))
+    md = plot.summary(str(path))
+    assert "| `eval_acc` (student, greedy) | 0.250 | 0.450 |" in md
+    assert "| `reward` | 0.275 | 0.775 |" in md  # mean of 1..10 / 20 and of 11..20 / 20
+    assert "median RL step 1.100 s" in md  # the upper median of 0.1 .. 2.0
+
+
 def test_teacher_signal_table_matches_full_forwards():
     sys.path.insert(0, os.path.join(HERE, "tools"))
     import teacher_signal

@@ -4,6 +4,7 @@ Draw the curves of one or more sdpg.py logs to a PNG (needs matplotlib, which sd
     python tools/plot.py out/log.jsonl                          # writes out/log.png
     python tools/plot.py out_a/log.jsonl out_b/log.jsonl --out compare.png
     python tools/plot.py out/log.jsonl --estimators --out estimators.png   # k1, k2, k3 vs the exact KL
+    python tools/plot.py out/log.jsonl --summary      # the tables of results/README.md, as markdown
 
 Panels: held-out accuracy of the student and of the teacher view, rollout reward, exact KL to
 the teacher, entropy, KL to the reference, and response length, all against the RL step.
@@ -85,12 +86,59 @@ def plot_estimators(path, out):
     return out
 
 
+def summary(path):
+    """Markdown tables of one log: the evaluations; the first and last ten RL steps; at the
+    diagnostic steps, the KL estimators against the exact KL and the per-term gradient norms;
+    the median step time with and without diagnostics."""
+    records = read_log(path)
+    evals = [r for r in records if r.get("phase") == "eval"]
+    rl = [r for r in records if r.get("phase") == "rl"]
+    diag = [r for r in rl if "exact_ref" in r]
+    median = lambda xs: sorted(xs)[len(xs) // 2] if xs else float("nan")
+    n = next((k[5:] for k in evals[0] if k.startswith("mean@") and not k.endswith("ci95")), None) if evals else None
+    rows = [("`eval_acc` (student, greedy)", "eval_acc"), ("`teacher_acc` (privileged view, greedy)", "teacher_acc")]
+    if n:
+        rows[1:1] = [(f"`mean@{n}` (student, temperature 1)", f"mean@{n}"), (f"95% interval of `mean@{n}`", f"mean@{n}_ci95"),
+                     (f"`pass@{n}`", f"pass@{n}")]
+    out = ["| RL step | " + " | ".join(str(r["step"]) for r in evals) + " |", "|---" * (len(evals) + 1) + "|"]
+    out += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for r in evals) + " |" for name, k in rows]
+    out += ["", "| metric | first 10 steps | last 10 steps |", "|---|---|---|"]
+    for k in ("reward", "kl_teacher", "entropy", "kl_ref", "beta"):
+        if rl and k in rl[0]:
+            first, last = [r[k] for r in rl[:10]], [r[k] for r in rl[-10:]]
+            out.append(f"| `{k}` | {sum(first) / len(first):.3g} | {sum(last) / len(last):.3g} |")
+    if diag:
+        out += ["", f"KL estimators at the {len(diag)} diagnostic steps (mean over steps of the per-step token mean; "
+                "spread: mean of the per-token std):", "", "| pair | exact | k1 | k2 | k3 |", "|---|---|---|---|---|"]
+        for pair, name in (("teacher", "student vs teacher"), ("ref", "policy vs reference")):
+            if f"exact_{pair}" in diag[0]:
+                for stat, suffix in (("mean", ""), ("spread", "_std")):
+                    vals = [sum(r[f"{e}_{pair}{suffix}"] for r in diag) / len(diag) for e in ("exact", "k1", "k2", "k3")]
+                    out.append(f"| {name}: {stat} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+        out += ["", "| gradient norm | min | median | max |", "|---|---|---|---|"]
+        for k in ("grad_norm_out", "grad_norm_opd", "grad_norm_ref", "grad_cos_out_opd"):
+            vals = [r[k] for r in diag if k in r]
+            if vals:
+                out.append(f"| `{k}` | {min(vals):.3g} | {median(vals):.3g} | {max(vals):.3g} |")
+    plain = [r["dt"] for r in rl if "exact_ref" not in r]
+    out += ["", f"median RL step {median(plain):.3f} s" + (f", {median([r['dt'] for r in diag]):.3f} s at the "
+            f"{len(diag)} diagnostic steps" if diag else "") + f"; {len(rl)} RL steps"]
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="plot sdpg.py logs")
     p.add_argument("logs", nargs="+", help="log.jsonl files")
     p.add_argument("--out", default="", help="PNG to write (default: beside the first log)")
     p.add_argument("--estimators", action="store_true", help="draw the KL estimators of the first log instead")
+    p.add_argument("--summary", action="store_true", help="print markdown tables of the first log (no matplotlib needed)")
     args = p.parse_args()
+    if args.summary:
+        try:
+            print(summary(args.logs[0]))
+        except ValueError as e:
+            sys.exit(f"plot.py: error: {e}")
+        sys.exit(0)
     out = args.out or os.path.splitext(args.logs[0])[0] + ".png"
     try:
         import matplotlib  # noqa: F401
