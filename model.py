@@ -35,15 +35,18 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        pos = 0  # keys already cached before these T positions
-        if cache is not None:
-            pos = cache.pos
+        if cache is None:  # a whole sequence (the training forward): causal
+            # decided by `cache is None`, a Python constant, never by T: under torch.compile T may be
+            # symbolic, and `is_causal=T > 1` (a SymBool) broke the graph here and recompiled per length
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # sampling and scoring with a KV cache (eager only: T and cache.pos are Python ints)
+            pos = cache.pos  # keys already cached before these T positions
             k, v = cache.update(k, v)  # (B, nh, pos + T, hs): every earlier position, then these
-        if pos == 0 or T == 1:  # a whole sequence or a prefill is causal; one new query sees every key
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
-        else:  # a chunk after cached keys: query i sees the pos cached keys and chunk keys 0..i
-            allowed = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+            if pos == 0 or T == 1:  # a prefill is causal; one new query sees every key
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            else:  # a chunk after cached keys: query i sees the pos cached keys and chunk keys 0..i
+                allowed = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
