@@ -144,6 +144,14 @@ class GPT(nn.Module):
             h = torch.cat([h, self.hidden(resp[:, :-1], caches)], 1)
         return h
 
+    def _head_fp32(self, h):
+        """Logits h @ W.T (n, V) in fp32 at least, autocast off: the same logits the loss and pi_old
+        score through _log_softmax, so rollouts are sampled from the distribution that is scored.
+        Returned as fp32 (a float64 model's logits are rounded to fp32 after the matmul)."""
+        dtype = torch.promote_types(h.dtype, torch.float32)
+        with torch.autocast(h.device.type, enabled=False):  # autocast would lower the matmul to bf16
+            return (h.to(dtype) @ self.lm_head_weight.to(dtype).T).float()
+
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eot, num_samples=1, temperature=1.0, generator=None):
         """Sample continuations of equal-length prompts (B, Tp) with a KV cache.
@@ -161,7 +169,7 @@ class GPT(nn.Module):
         done = torch.zeros(B * num_samples, dtype=torch.bool, device=prompts.device)
         tokens, mask = [], []
         for t in range(max_new_tokens):
-            logits = (h[:, -1] @ self.lm_head_weight.T).float()  # (B*G, V)
+            logits = self._head_fp32(h[:, -1])  # (B*G, V)
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
@@ -171,6 +179,9 @@ class GPT(nn.Module):
             tokens.append(nxt)
             mask.append(~done)
             done = done | (nxt == eot)
+            # done.all() waits for the device once per token; it stays: stopping when every row has
+            # ended keeps the number of sampling calls, so the random stream and the output shape,
+            # the same on every device (running on to max_new_tokens would change both)
             if done.all() or t == max_new_tokens - 1:
                 break
             h = self.hidden(nxt[:, None], caches)
