@@ -226,9 +226,18 @@ class FusedReverseKL(torch.autograd.Function):
     Backward recomputes each chunk and applies the closed form dKL/dz = p (log p - log q - KL)
     (z the student's scaled logits), so at most one (chunk, V) block is alive at a time."""
 
+    # Both passes run with autocast off on whatever device the tensors are on, and compute in fp32 at
+    # least (_log_softmax upcasts each chunk; the backward's products upcast to the fp32 dkl_dz).
+    # torch.amp.custom_fwd/custom_bwd(device_type="cuda") did this for CUDA only: under CPU autocast,
+    # a backward called inside the autocast region (autograd.grad in diagnostics) ran its matmuls in bf16.
+
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, hs, ht, weight, temperature, chunk_size):
+        with torch.autocast(hs.device.type, enabled=False):
+            return FusedReverseKL._forward(ctx, hs, ht, weight, temperature, chunk_size)
+
+    @staticmethod
+    def _forward(ctx, hs, ht, weight, temperature, chunk_size):
         kl = torch.empty(hs.size(0), dtype=torch.promote_types(hs.dtype, torch.float32), device=hs.device)
         for i in range(0, hs.size(0), chunk_size):
             logp = _log_softmax(hs[i:i + chunk_size], weight, temperature)
@@ -241,11 +250,16 @@ class FusedReverseKL(torch.autograd.Function):
         return kl
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_kl):
+        with torch.autocast(grad_kl.device.type, enabled=False):
+            return FusedReverseKL._backward(ctx, grad_kl)
+
+    @staticmethod
+    def _backward(ctx, grad_kl):
         hs, ht, weight, kl = ctx.saved_tensors
         T, C = ctx.temperature, ctx.chunk_size
-        grad_hs, grad_w = torch.zeros_like(hs), torch.zeros_like(weight)
+        grad_hs = torch.zeros_like(hs)
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
         for i in range(0, hs.size(0), C):
             if ctx.dkl_dz is not None:
                 dkl_dz = ctx.dkl_dz
@@ -255,9 +269,9 @@ class FusedReverseKL(torch.autograd.Function):
                 dkl_dz = logp.exp() * (logp - logq - kl[i:i + C, None])  # the closed form p (log p - log q - KL)
             g = grad_kl[i:i + C, None] * dkl_dz / T  # (chunk, V); the 1/T from z = h W^T / T
             grad_hs[i:i + C] = (g @ weight.to(g.dtype)).to(hs.dtype)
-            grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(weight.dtype)
+            grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(grad_w.dtype)  # summed over chunks in fp32 at least
         ctx.dkl_dz = None
-        return grad_hs, None, grad_w, None, None  # no gradient to the teacher
+        return grad_hs, None, grad_w.to(weight.dtype), None, None  # no gradient to the teacher
 
 
 def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, chunk_size=0):
