@@ -1030,3 +1030,156 @@ def test_study_table_against_hand_computed_seed_statistics(tmp_path):
     cells = sdpg.split(" | ")
     assert cells[2:7] == [f"0.450 ± {math.sqrt(0.005):.3f}", f"0.450 ± {math.sqrt(0.005):.3f}", "8 (2/2 seeds)",
                           "0.000 ± 0.000", f"0.050 ± {math.sqrt(0.045):.3f}"]
+
+
+# -----------------------------------------------------------------------------
+# mixed precision and compile (model.py)
+
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def fp32_head_logprobs(hidden, weight, temperature=1.0):
+    """log softmax(hidden @ weight.T / T) in fp32 with autocast off: what pi_old and the loss score."""
+    with torch.autocast("cpu", enabled=False):
+        return F.log_softmax(hidden.float() @ weight.float().T / temperature, -1)
+
+
+def test_compiled_training_forward_has_no_graph_break_and_one_recompile_as_length_varies():
+    """torch.compile of the training forward (return_hidden=True, no cache) on the lengths a run
+    meets: one graph each time (fullgraph=True raises at a graph break) and at most two compiles
+    (the first static, then one dynamic in T); values and gradients equal the eager model's."""
+    try:
+        from torch._dynamo.testing import CompileCounterWithBackend
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend("aot_eager")  # dynamo and autograd tracing, no C++ build
+    except Exception as e:  # pragma: no cover - a build without dynamo
+        pytest.skip(f"torch.compile unavailable: {e}")
+    model = tiny_gpt()
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=None)
+    try:
+        for T in (10, 11, 12, 13, 9):
+            idx = torch.randint(0, 256, (3, T))
+            got = compiled(idx, return_hidden=True)
+            (got @ model.lm_head_weight.T).logsumexp(-1).sum().backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            model.zero_grad(set_to_none=True)
+            want = model(idx, return_hidden=True)
+            (want @ model.lm_head_weight.T).logsumexp(-1).sum().backward()
+            assert_close(got, want)
+            for g, p in zip(grads, model.parameters()):
+                assert_close(g, p.grad)
+            model.zero_grad(set_to_none=True)
+        assert 1 <= counter.frame_count <= 2, f"{counter.frame_count} compiles for 5 lengths"
+    finally:
+        torch._dynamo.reset()
+
+
+def test_bf16_autocast_cached_greedy_decoding_equals_full_forward():
+    """The fp32 test's equality under CPU bf16 autocast (bf16 KV cache): every greedy token taken
+    with the cache is the argmax of the full forward's fp32-head log-probs on the same prefix, to a
+    bf16 tolerance, and the two log-prob tables agree to that tolerance."""
+    model = tiny_gpt()
+    torch.manual_seed(11)
+    prompts = torch.randint(0, 256, (5, 7))
+    eot, Tp = ENC.eot_token, prompts.size(1)
+    with bf16_autocast():
+        cached, mask = model.generate(prompts, 10, eot, temperature=0)
+        assert model._prefill(prompts, 17, 1)[1][0].k.dtype == torch.bfloat16  # the cache holds what the layer computes
+        h_full = model(torch.cat([prompts, cached], 1), return_hidden=True)[:, Tp - 1:-1]  # no cache
+        h_cached = model.score(prompts, cached)  # prefill + one chunk after the cached keys
+    logp_full = fp32_head_logprobs(h_full, model.lm_head_weight)  # (5, Tr, V)
+    logp_cached = fp32_head_logprobs(h_cached, model.lm_head_weight)
+    assert_close(logp_cached, logp_full, rtol=0, atol=2e-3)
+    chosen = logp_full.gather(-1, cached[..., None]).squeeze(-1)
+    shortfall = (logp_full.max(-1).values - chosen)[mask.bool()]  # 0 where the cached token is the argmax
+    assert shortfall.max() <= 2e-3
+    for i in range(5):
+        n = int(mask[i].sum())
+        assert (cached[i, n:] == eot).all()
+
+
+def test_bf16_autocast_shared_prefix_scoring_equals_full_forward_per_sample():
+    """GPT.score under CPU bf16 autocast equals the full forward over every prompt + response, to
+    a bf16 tolerance tighter than the distance of either from the fp32 result."""
+    model = tiny_gpt()
+    G = 3
+    _, teacher, _ = encode([7, 123], [596, 456], 3)
+    cx = torch.tensor(teacher)
+    torch.manual_seed(12)
+    resp = torch.randint(0, 256, (2 * G, 5))
+    with bf16_autocast():
+        got = model.score(cx, resp, G)
+        want = sdpg.response_hidden(model, cx.repeat_interleave(G, 0), resp)
+        got_one = model.score(cx, resp[:, :1], G)
+    fp32 = sdpg.response_hidden(model, cx.repeat_interleave(G, 0), resp)
+    assert got.shape == want.shape == fp32.shape
+    assert_close(got, want, rtol=0, atol=1e-2)
+    assert_close(got_one, want[:, :1], rtol=0, atol=1e-2)
+    assert_close(want, fp32, rtol=0, atol=3e-2)  # bf16 really is in use: not equal to fp32 ...
+    assert not torch.equal(want, fp32)
+    W = model.lm_head_weight
+    assert_close(fp32_head_logprobs(got, W), fp32_head_logprobs(want, W), rtol=0, atol=2e-3)
+
+
+def test_generate_under_bf16_autocast_samples_from_the_fp32_head():
+    """Rollouts are sampled from softmax of the fp32 head (autocast off), the distribution pi_old and
+    the loss score, not from a bf16 head: the probabilities generate hands to torch.multinomial equal
+    exp(log softmax) of the fp32 head on the same hidden state."""
+    model = tiny_gpt()
+    torch.manual_seed(13)
+    prompts, G, T = torch.randint(0, 256, (4, 6)), 2, 0.7
+    seen, multinomial = [], torch.multinomial
+
+    def spy(probs, n, generator=None):
+        seen.append(probs.clone())
+        return multinomial(probs, n, generator=generator)
+
+    with bf16_autocast():
+        h0 = model.score(prompts, torch.zeros(len(prompts) * G, 1, dtype=torch.long), G)[:, 0]  # the prefill's last state
+        bf16_head = F.softmax((h0 @ model.lm_head_weight.T).float() / T, -1)
+        torch.multinomial = spy
+        try:
+            model.generate(prompts, 1, ENC.eot_token, G, T, torch.Generator().manual_seed(0))
+        finally:
+            torch.multinomial = multinomial
+    want = fp32_head_logprobs(h0, model.lm_head_weight, T).exp()
+    assert len(seen) == 1 and seen[0].dtype == torch.float32
+    assert ((seen[0] - want).abs() / want).max() < 1e-5
+    assert ((bf16_head - want).abs() / want).max() > 1e-4  # what a bf16 head would have sampled from
+
+
+@pytest.mark.parametrize("backward_inside", [False, True])
+@pytest.mark.parametrize("chunk_size", [5, 64])  # several chunks (recomputed in backward), one chunk
+def test_fused_reverse_kl_under_bf16_autocast_is_fp32_against_float64(backward_inside, chunk_size):
+    """Under CPU bf16 autocast (on hidden states of a bf16-autocast forward, fp32 and bf16 ones), the
+    fused KL and its gradients to the student hidden states and W are computed in fp32: they match a
+    float64 reference on the same values at fp32 tolerance, also when the backward runs inside the
+    autocast region (autograd.grad in diagnostics)."""
+    model = tiny_gpt()
+    torch.manual_seed(14)
+    x, T = torch.randint(0, 256, (4, 10)), 0.8
+    with bf16_autocast():
+        hs0 = model(x, return_hidden=True).flatten(0, 1).detach()  # (40, H)
+        ht0 = model(x.flip(1), return_hidden=True).flatten(0, 1).detach()
+    W0 = model.lm_head_weight.detach()
+    w = torch.rand(hs0.size(0))
+    for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-5)):
+        hs, W = hs0.to(dtype, copy=True).requires_grad_(), W0.clone().requires_grad_()
+        ht = ht0.to(dtype)
+        with bf16_autocast():
+            kl = sdpg.fused_reverse_kl(hs, ht, W, T, chunk_size)
+            if backward_inside:
+                g_hs, g_W = torch.autograd.grad((kl * w).sum(), (hs, W))
+        if not backward_inside:
+            g_hs, g_W = torch.autograd.grad((kl * w).sum(), (hs, W))
+        assert kl.dtype == torch.float32 and g_hs.dtype == dtype and g_W.dtype == torch.float32
+        hs64, W64 = hs.detach().double().requires_grad_(), W0.double().requires_grad_()
+        ref = sdpg.full_vocab_reverse_kl(hs64 @ W64.T / T, ht.double() @ W64.T / T)
+        r_hs, r_W = torch.autograd.grad((ref * w.double()).sum(), (hs64, W64))
+        assert_close(kl.double(), ref, rtol=tol, atol=tol)
+        assert_close(g_W.double(), r_W, rtol=tol, atol=tol)
+        if dtype == torch.float32:
+            assert_close(g_hs.double(), r_hs, rtol=tol, atol=tol)
+        else:  # the fp32 gradient, rounded once to the input's bf16
+            assert_close(g_hs, r_hs.to(dtype), rtol=0.01, atol=1e-6)
