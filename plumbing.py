@@ -6,6 +6,7 @@ the loss diagnostics. Nothing here changes what the SDPG loss computes.
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -58,7 +59,7 @@ def validate(args):
     for ok, msg in checks:
         if not ok:
             die(msg)
-    if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
+    if args.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:[0-9]+)?", args.device):
         die(f"--device {args.device}: use auto, cpu, cuda or cuda:N")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         die(f"--device {args.device}: CUDA is not available on this machine")
@@ -69,17 +70,30 @@ def validate(args):
 
 def setup_distributed(args):
     """One process per device under torchrun (nccl on CUDA, gloo on CPU), else a single process.
-    Returns (rank, local_rank, world_size, device, use_cuda)."""
+    Under torchrun each process takes cuda:LOCAL_RANK. Returns (rank, local_rank, world_size, device, use_cuda)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     if ddp:
         rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     device = torch.device("cpu")
     if use_cuda:
-        device = torch.device(f"cuda:{local_rank}" if ddp or args.device in ("auto", "cuda") else args.device)
-        torch.cuda.set_device(device)
+        n_gpus = torch.cuda.device_count()
+        if ddp and args.device not in ("auto", "cuda"):
+            die(f"--device {args.device} cannot be used under torchrun: each process takes cuda:LOCAL_RANK "
+                f"(use --device cuda, and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+        # every process of a node checks the node's process count, so that all of them stop
+        if ddp and max(int(os.environ.get("LOCAL_WORLD_SIZE", 0)), local_rank + 1) > n_gpus:
+            die(f"torchrun started more processes on this node than it has GPUs ({n_gpus}): "
+                f"use --nproc_per_node <= {n_gpus}, or --device cpu")
+        device = torch.device(args.device if args.device.startswith("cuda:") else f"cuda:{local_rank}")
+        if device.index >= n_gpus:
+            die(f"--device {args.device}: this machine has {n_gpus} GPU(s), cuda:0 to cuda:{n_gpus - 1}")
+        torch.cuda.set_device(device)  # before the process group, so that nccl binds this GPU
+    if ddp and use_cuda:
+        dist.init_process_group(backend="nccl", device_id=device)  # binds the group to this GPU
+    elif ddp:
+        dist.init_process_group(backend="gloo")
     return rank, local_rank, world_size, device, use_cuda
 
 

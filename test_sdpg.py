@@ -622,9 +622,12 @@ TINY = ["--sft_steps", "30", "--rl_steps", "3", "--eval_every", "2", "--eval_siz
 
 
 def run_script(args, nproc=None, timeout=240):
+    """sdpg.py with args, on the CPU even where there is a GPU (a later --device in args wins);
+    with nproc, under torchrun: nproc processes, gloo."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    return subprocess.run(head + [os.path.join(HERE, "sdpg.py")] + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
+    return subprocess.run(head + [os.path.join(HERE, "sdpg.py"), "--device", "cpu"] + args, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=HERE)
 
 
 def read_log(out_dir):
@@ -819,7 +822,7 @@ import plumbing, sdpg, test_sdpg
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = test_sdpg.tiny_gpt(torch.float64)
-args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "positive"]))
+args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "positive", "--device", "cpu"]))  # gloo, CPU tensors
 # rank 0: 3 rollouts of 4 tokens, positive advantages; rank 1: 3 rollouts of 7 tokens, none positive,
 # so the ranks differ in response length and in gated tokens
 batches = []
@@ -881,7 +884,7 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monke
 
     monkeypatch.setattr(GPT, "generate", generate)
     monkeypatch.setattr(GPT, "score", score)
-    monkeypatch.setattr(sys, "argv", ["sdpg.py"] + TINY + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"])
+    monkeypatch.setattr(sys, "argv", ["sdpg.py", "--device", "cpu"] + TINY + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"])
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         runpy.run_path(os.path.join(HERE, "sdpg.py"), run_name="__main__")
@@ -947,7 +950,7 @@ def test_a_task_of_your_own_trains_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(GPT, "generate", generate)
     monkeypatch.setattr(data, "AdditionTask", lambda digits, eval_size: ReverseTask(eval_size))
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["sdpg.py"] + TINY + ["--out_dir", str(out), "--sft_until", "0"])
+    monkeypatch.setattr(sys, "argv", ["sdpg.py", "--device", "cpu"] + TINY + ["--out_dir", str(out), "--sft_until", "0"])
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         runpy.run_path(os.path.join(HERE, "sdpg.py"), run_name="__main__")
@@ -1183,3 +1186,78 @@ def test_fused_reverse_kl_under_bf16_autocast_is_fp32_against_float64(backward_i
             assert_close(g_hs.double(), r_hs, rtol=tol, atol=tol)
         else:  # the fp32 gradient, rounded once to the input's bf16
             assert_close(g_hs, r_hs.to(dtype), rtol=0.01, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# the CUDA path, exercised on CPU
+
+def fake_gpus(monkeypatch, n):
+    """Make torch.cuda report n GPUs; set_device and init_process_group only record their calls, in order."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(plumbing.dist, "init_process_group", lambda **kw: calls.append(("init_process_group", kw)))
+    return calls
+
+
+def as_torchrun_rank(monkeypatch, rank, nproc):
+    """The environment torchrun --standalone --nproc_per_node=nproc gives process rank."""
+    for k, v in dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=nproc, LOCAL_WORLD_SIZE=nproc).items():
+        monkeypatch.setenv(k, str(v))
+
+
+def device_args(device):
+    return sdpg.resolve(sdpg.parser.parse_args(["--device", device]))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_more_torchrun_processes_than_gpus_stop_every_rank_with_one_line(rank, monkeypatch, capsys):
+    """torchrun --nproc_per_node=2 on one GPU (as the suite's torchrun test would be without --device
+    cpu): every rank stops before touching a GPU or the process group; rank 0 says why, in one line."""
+    calls = fake_gpus(monkeypatch, 1)
+    as_torchrun_rank(monkeypatch, rank, 2)
+    with pytest.raises(SystemExit) as e:
+        plumbing.setup_distributed(device_args("auto"))
+    assert e.value.code == 2 and calls == []
+    lines = capsys.readouterr().err.strip().splitlines()
+    if rank == 0:
+        assert len(lines) == 1 and "--nproc_per_node <= 1" in lines[0] and "--device cpu" in lines[0]
+    else:
+        assert lines == []
+
+
+@pytest.mark.parametrize("device, ranks, expected", [
+    ("auto", (1, 2), [("set_device", "cuda:1"), ("init_process_group", {"backend": "nccl", "device_id": "cuda:1"})]),
+    ("cuda", (0, 2), [("set_device", "cuda:0"), ("init_process_group", {"backend": "nccl", "device_id": "cuda:0"})]),
+    ("cpu", (1, 2), [("init_process_group", {"backend": "gloo"})]),
+    ("cuda:1", None, [("set_device", "cuda:1")]),  # one process: --device cuda:N is honoured
+    ("auto", None, [("set_device", "cuda:0")]),
+    ("cuda:1", (0, 2), "cannot be used under torchrun"),
+    ("cuda:2", None, "cuda:0 to cuda:1"),
+    ("cuda:x", None, "use auto, cpu, cuda or cuda:N"),
+])
+def test_the_gpu_is_set_before_nccl_binds_to_it(device, ranks, expected, monkeypatch, capsys):
+    """On a machine with two (pretended) GPUs: each process sets its GPU, then joins the nccl group
+    bound to that GPU (device_id); a wrong --device is one line, before anything is set up."""
+    calls = fake_gpus(monkeypatch, 2)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    if ranks:
+        as_torchrun_rank(monkeypatch, *ranks)
+    args = device_args(device)
+    if isinstance(expected, str):
+        with pytest.raises(SystemExit):
+            plumbing.validate(args)
+            plumbing.setup_distributed(args)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and calls == []
+        return
+    plumbing.validate(args)
+    rank, local_rank, world_size, dev, use_cuda = plumbing.setup_distributed(args)
+    expected = [(name, torch.device(a) if name == "set_device" else
+                 {k: torch.device(v) if k == "device_id" else v for k, v in a.items()}) for name, a in expected]
+    assert calls == expected
+    assert dev == (expected[0][1] if use_cuda else torch.device("cpu")) and world_size == (ranks[1] if ranks else 1)
+
+
