@@ -143,7 +143,17 @@ class StopRequest:
 # checkpoints
 
 def rng_state(np_rng, gen):
-    return {"numpy": np_rng.bit_generator.state, "torch_gen": gen.get_state(), "torch": torch.get_rng_state()}
+    """This rank's random streams; a torch.Generator's state is specific to its device type."""
+    return {"numpy": np_rng.bit_generator.state, "torch_gen": gen.get_state(), "torch": torch.get_rng_state(),
+            "device": gen.device.type}
+
+
+def rng_device(state):
+    """The device type a saved rng_state came from; checkpoints written before the "device" key are
+    told apart by the generator state's size (a CPU generator's is as long as torch.get_rng_state())."""
+    if "device" in state:
+        return state["device"]
+    return "cpu" if state["torch_gen"].numel() == torch.get_rng_state().numel() else "cuda"
 
 
 def save_atomic(obj, path):
@@ -175,9 +185,11 @@ def load_checkpoint(path, device, required):
 
 def resume(path, device, model, ref_model, optimizer, model_args, rl_rng, gen, rank, world_size):
     """Load ckpt.pt into the model, the reference and the optimizer; restore this rank's random
-    streams when the world size is unchanged. Returns the step to continue from."""
+    streams when the world size and the device type are unchanged. Returns the step to continue from.
+    The file is read onto the CPU: load_state_dict copies the weights and Adam's moments to the
+    parameters' device, and leaves Adam's step counters on the CPU, where torch keeps them."""
     try:
-        ckpt = load_checkpoint(path, device, ("model", "ref_model", "optimizer", "model_args", "step", "rng"))
+        ckpt = load_checkpoint(path, "cpu", ("model", "ref_model", "optimizer", "model_args", "step", "rng"))
     except ValueError as e:
         die(f"--resume {e}")
     if ckpt["model_args"] != model_args:
@@ -189,13 +201,17 @@ def resume(path, device, model, ref_model, optimizer, model_args, rl_rng, gen, r
         optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as e:
         die(f"--resume {path}: weights do not fit the model ({type(e).__name__})")
-    if len(ckpt["rng"]) == world_size:  # one stream per rank; a new world size starts fresh streams
+    saved_on = sorted({rng_device(s) for s in ckpt["rng"]})
+    # one stream per rank; a new world size or device type starts fresh streams
+    if len(ckpt["rng"]) != world_size:
+        print0(f"resume: saved with {len(ckpt['rng'])} ranks, running {world_size}: new random streams")
+    elif saved_on != [device.type]:
+        print0(f"resume: saved on {'+'.join(saved_on)}, running on {device.type}: new random streams")
+    else:
         state = ckpt["rng"][rank]
         rl_rng.bit_generator.state = state["numpy"]
-        gen.set_state(state["torch_gen"].to("cpu"))
-        torch.set_rng_state(state["torch"].to("cpu"))
-    else:
-        print0(f"resume: saved with {len(ckpt['rng'])} ranks, running {world_size}: new random streams")
+        gen.set_state(state["torch_gen"])
+        torch.set_rng_state(state["torch"])
     print0(f"resumed from {path} at step {ckpt['step']}")
     return ckpt["step"]
 

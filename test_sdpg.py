@@ -1261,3 +1261,27 @@ def test_the_gpu_is_set_before_nccl_binds_to_it(device, ranks, expected, monkeyp
     assert dev == (expected[0][1] if use_cuda else torch.device("cpu")) and world_size == (ranks[1] if ranks else 1)
 
 
+def test_resume_of_a_checkpoint_from_another_device_type_starts_new_streams(tmp_path):
+    """A torch.Generator's state is device-specific (a CUDA one is 16 bytes, a CPU one 5056): a
+    checkpoint whose streams come from a GPU resumes on a CPU with one line and fresh streams, like a
+    changed world size, whether it names its device type or, written before that key, does not."""
+    tiny = TINY + ["--sft_until", "0"]
+    out = str(tmp_path / "run")
+    assert run_script(tiny + ["--rl_steps", "1", "--out_dir", out]).returncode == 0
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert [s["device"] for s in ckpt["rng"]] == ["cpu"]
+    for labelled in (True, False):
+        for s in ckpt["rng"]:
+            s["torch_gen"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
+            s.pop("device", None)
+            if labelled:
+                s["device"] = "cuda"
+        path = str(tmp_path / f"gpu_{labelled}.pt")
+        torch.save(ckpt, path)
+        p = run_script(tiny + ["--rl_steps", "2", "--out_dir", out, "--resume", path])
+        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+        assert [line for line in p.stdout.splitlines() if "random streams" in line] == [
+            "resume: saved on cuda, running on cpu: new random streams"]
+        assert [r["step"] for r in read_log(out) if r["phase"] == "rl"][-1] == 2
+
+
