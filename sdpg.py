@@ -94,6 +94,8 @@ parser.add_argument("--eval_samples", type=int, default=4, help="temperature-1 s
 parser.add_argument("--seed", type=int, default=0, help="seeds model init, data and sampling")
 parser.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
 parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+parser.add_argument("--dtype", type=str, default=None, choices=["float32", "bfloat16"], help="autocast precision "
+                    "(default: bfloat16 on CUDA, float32 on CPU)")
 parser.add_argument("--kl_chunk", type=int, default=0, help="response tokens per chunk of the lm_head in the loss "
                     "(0: auto, one fp32 (chunk, V) block of about 24 MB)")
 parser.add_argument("--digits", type=int, default=2, help="operand digits of the addition task (1 to 6)")
@@ -340,7 +342,8 @@ if __name__ == "__main__":
 
     rank, local_rank, world_size, device, use_cuda = setup_distributed(args)
     ddp, master = world_size > 1 or dist.is_initialized(), rank == 0
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else nullcontext()
+    args.dtype = args.dtype or ("bfloat16" if use_cuda else "float32")  # the config record logs what ran
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     per_rank, rem = divmod(args.prompts_per_step, world_size * args.num_minibatches)
     if per_rank == 0 or rem or args.sft_batch % world_size:
         die(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} ranks x "
@@ -371,7 +374,7 @@ if __name__ == "__main__":
     sft_path = os.path.join(args.out_dir, "sft.pt")
     sft_key = {k: getattr(args, k) for k in ("seed", "tokenizer", "digits", "sft_steps", "sft_batch", "sft_lr",
                                              "sft_hint_frac", "sft_until", "weight_decay")}
-    sft_key.update(model_args=model_args, world_size=world_size)
+    sft_key.update(model_args=model_args, world_size=world_size, device=device.type, dtype=args.dtype)
     cached = None
     if not args.resume and os.path.exists(sft_path):
         try:

@@ -1285,3 +1285,21 @@ def test_resume_of_a_checkpoint_from_another_device_type_starts_new_streams(tmp_
         assert [r["step"] for r in read_log(out) if r["phase"] == "rl"][-1] == 2
 
 
+def test_bfloat16_on_cpu_runs_and_its_warm_start_is_not_reused_in_float32(tmp_path):
+    out = str(tmp_path / "run")
+    tiny = TINY + ["--sft_until", "0", "--diag_every", "1", "--out_dir", out]
+    p = run_script(tiny + ["--dtype", "bfloat16"])
+    assert p.returncode == 0, p.stderr
+    log16 = read_log(out)
+    rl16 = [r for r in log16 if r["phase"] == "rl"]
+    assert log16[0]["dtype"] == "bfloat16" and len(rl16) == 3
+    for key in ["loss", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref", "entropy", "grad_norm_opd", "exact_teacher"]:
+        assert all(math.isfinite(r[key]) for r in rl16), key
+    p = run_script(tiny)  # the CPU default, float32, in the same out_dir: its own warm start
+    assert p.returncode == 0, p.stderr
+    assert "reusing" not in p.stdout
+    log32 = read_log(out)
+    assert log32[0]["dtype"] == "float32"
+    assert [r["kl_teacher"] for r in log32 if r["phase"] == "rl"] != [r["kl_teacher"] for r in rl16]  # bf16 did run
+
+
