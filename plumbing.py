@@ -410,13 +410,16 @@ def loss_diagnostics(model, ref_model, mb, terms, args, world_size):
     k1, k2, k3 (mean and std over the response tokens of all ranks). Touches no .grad."""
     params = [p for p in model.parameters() if p.requires_grad]
     out, grads = {}, {}
-    for k, term in terms.items():
-        g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-        flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
-        grads[k] = all_sum(flat) / world_size
-        out[f"grad_norm_{k}"] = grads[k].norm().item()
-    if "opd" in grads and "out" in grads and grads["opd"].norm() > 0 and grads["out"].norm() > 0:  # no cosine of a zero vector
-        out["grad_cos_out_opd"] = (grads["out"] @ grads["opd"] / (grads["out"].norm() * grads["opd"].norm())).item()
+    # the gradients, their norms and the cosine in the parameters' dtype (fp32), outside autocast
+    # (which would take the dot product in bf16), as loss.backward() runs outside it in training
+    with torch.autocast(params[0].device.type, enabled=False):
+        for k, term in terms.items():
+            g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)])
+            grads[k] = all_sum(flat) / world_size
+            out[f"grad_norm_{k}"] = grads[k].norm().item()
+        if "opd" in grads and "out" in grads and grads["opd"].norm() > 0 and grads["out"].norm() > 0:  # no cosine of a zero vector
+            out["grad_cos_out_opd"] = (grads["out"] @ grads["opd"] / (grads["out"].norm() * grads["opd"].norm())).item()
     with torch.no_grad():
         T, C, W, m, resp = args.temperature, args.kl_chunk, model.lm_head_weight, mb["mask"], mb["resp"]
         G = args.group_size

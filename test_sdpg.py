@@ -1303,3 +1303,19 @@ def test_bfloat16_on_cpu_runs_and_its_warm_start_is_not_reused_in_float32(tmp_pa
     assert [r["kl_teacher"] for r in log32 if r["phase"] == "rl"] != [r["kl_teacher"] for r in rl16]  # bf16 did run
 
 
+def test_gradient_cosine_is_float32_under_autocast():
+    """loss_diagnostics runs inside the bf16 autocast on a GPU; the gradients' norms and cosine must
+    still be fp32, not a bf16 dot product (CPU autocast lowers a dot product in the same way)."""
+    model = tiny_gpt(torch.float32)
+    mb = fixed_rollouts(model, 8, seed=3)
+    args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.2", "--opd_gate", "all", "--group_size", "1"]))
+    params = list(model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, mb["mask"].sum().item(), 1)
+        diag = plumbing.loss_diagnostics(model, model, mb, terms, args, 1)
+    g = {k: torch.cat([x.flatten() for x in torch.autograd.grad(terms[k], params, retain_graph=True)]).double()
+         for k in ("out", "opd")}
+    assert diag["grad_cos_out_opd"] == pytest.approx((g["out"] @ g["opd"] / (g["out"].norm() * g["opd"].norm())).item(), abs=1e-6)
+    assert diag["grad_norm_out"] == pytest.approx(g["out"].norm().item(), rel=1e-6)
+
+
