@@ -135,7 +135,10 @@ class StopRequest:
             self.requested, self.when = True, time.time()
 
     def any_rank(self, device):
-        """True on every rank once any rank was asked to stop; every rank must call it."""
+        """True on every rank once any rank was asked to stop; every rank must call it. Under DDP
+        this is an all-reduce and a host sync; a single process just reads the flag."""
+        if not dist.is_initialized():
+            return self.requested
         return all_sum(torch.tensor(float(self.requested), device=device)).item() > 0
 
 
@@ -271,7 +274,8 @@ def warm_start(model, train_model, args, enc, task, sft_path, sft_key, stop, log
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
-        if stop.any_rank(device):
+        # Ctrl-C: under DDP the ranks agree every 25 steps (an all-reduce and a host sync each time)
+        if (not dist.is_initialized() or (step + 1) % 25 == 0 or step + 1 == args.sft_steps) and stop.any_rank(device):
             print0("interrupted during the warm start: nothing saved (sft.pt is written when it completes)")
             return False
         if (step + 1) % 100 == 0 or step + 1 == args.sft_steps:

@@ -488,6 +488,8 @@ if __name__ == "__main__":
         # 4. several updates per rollout batch, each on a slice of whole groups
         sums, t_teacher, t_update, skipped, diag = {}, 0.0, 0.0, 0, {}
         n_mb = P * G // args.num_minibatches  # rollouts per mini-batch on this rank
+        # response tokens of each global mini-batch: one all-reduce for all (every rank calls it, whatever its lengths)
+        n_tokens = all_sum(mask.reshape(args.num_minibatches, n_mb, -1).sum((1, 2))).tolist()
         for j in range(args.num_minibatches):
             s = slice(j * n_mb, (j + 1) * n_mb)
             mb = {"student": x[s], "resp": resp[s], "mask": mask[s], "adv": adv[s],
@@ -498,7 +500,7 @@ if __name__ == "__main__":
                 with torch.no_grad(), ctx:
                     mb["h_teacher"] = teacher_model.score(cx[s][::G], resp[s], G)  # (B, Tr, H)
             t_b = now()
-            n_tokens_global = all_sum(mask[s].sum()).item()  # every rank calls this, whatever its lengths
+            n_tokens_global = n_tokens[j]
             if j == 0 and args.diag_every and step % args.diag_every == 0:
                 with ctx:
                     _, _, terms = minibatch_loss(model, model.lm_head_weight, mb, args, beta, n_tokens_global, world_size)

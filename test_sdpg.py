@@ -1319,3 +1319,30 @@ def test_gradient_cosine_is_float32_under_autocast():
     assert diag["grad_norm_out"] == pytest.approx(g["out"].norm().item(), rel=1e-6)
 
 
+class AskedStop:
+    """Stands in for StopRequest: counts how often the warm start asks, answers `answer`."""
+
+    def __init__(self, answer):
+        self.asked, self.answer = 0, answer
+
+    def any_rank(self, device):
+        self.asked += 1
+        return self.answer
+
+
+@pytest.mark.parametrize("ddp", [False, True])
+def test_warm_start_asks_the_ranks_to_stop_every_25_steps_under_ddp(ddp, tmp_path, monkeypatch):
+    """One process reads its Ctrl-C flag after every step (no collective, the same stops as before);
+    under DDP the ranks' all-reduce of it comes every 25 steps and at the last step."""
+    if ddp:  # a process group of one, as far as warm_start can tell
+        monkeypatch.setattr(plumbing.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(plumbing.dist, "all_reduce", lambda t: t)
+    args = sdpg.resolve(sdpg.parser.parse_args(["--sft_steps", "60", "--sft_batch", "4", "--sft_until", "0"]))
+    task = data.AdditionTask(2, eval_size=10)
+    for answer, asked in ((False, [3] if ddp else [60]), (True, [1])):
+        model, log = tiny_gpt(), []
+        stop = AskedStop(answer)
+        done = plumbing.warm_start(model, model, args, ENC, task, str(tmp_path / "sft.pt"), {"model_args": {}}, stop,
+                                   log.append, "cpu", torch.autocast("cpu", enabled=False), 0, 1)
+        assert [stop.asked] == asked and done is not answer
+        assert [r["step"] for r in log] == ([] if answer else [60])
