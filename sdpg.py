@@ -81,114 +81,6 @@ from plumbing import (JsonlLog, StopRequest, all_sum, die, dynamic_sampling, eva
                       setup_distributed, validate, verify, warm_start)
 
 # -----------------------------------------------------------------------------
-# config: every default in one place; each is a flag of the same name
-
-parser = argparse.ArgumentParser(description="SDPG on a toy arithmetic task")
-# I/O
-parser.add_argument("--out_dir", type=str, default="out", help="sft.pt, ckpt.pt and log.jsonl go here")
-parser.add_argument("--resume", type=str, default="", help="continue RL from this ckpt.pt")
-parser.add_argument("--eval_every", type=int, default=50, help="RL steps between evaluations (0: start and end only)")
-parser.add_argument("--eval_size", type=int, default=1000, help="held-out problems per evaluation")
-parser.add_argument("--eval_samples", type=int, default=4, help="temperature-1 samples per held-out problem for "
-                    "mean@n and pass@k (0: greedy only)")
-parser.add_argument("--seed", type=int, default=0, help="seeds model init, data and sampling")
-parser.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
-parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
-parser.add_argument("--dtype", type=str, default=None, choices=["float32", "bfloat16"], help="autocast precision "
-                    "(default: bfloat16 on CUDA, float32 on CPU)")
-parser.add_argument("--kl_chunk", type=int, default=0, help="response tokens per chunk of the lm_head in the loss "
-                    "(0: auto, one fp32 (chunk, V) block of about 24 MB)")
-parser.add_argument("--digits", type=int, default=2, help="operand digits of the addition task (1 to 6)")
-parser.add_argument("--tokenizer", type=str, default="bytes", help="bytes (built in) or a tiktoken name such as gpt2")
-# model
-parser.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
-parser.add_argument("--n_head", type=int, default=4, help="attention heads")
-parser.add_argument("--n_embd", type=int, default=128, help="width")
-# stage 1: supervised warm start of both views
-parser.add_argument("--sft_steps", type=int, default=2000, help="most warm-start steps (0 skips the stage)")
-parser.add_argument("--sft_batch", type=int, default=64, help="problems per warm-start step, all ranks together")
-parser.add_argument("--sft_lr", type=float, default=1e-3, help="warm-start AdamW learning rate")
-parser.add_argument("--sft_hint_frac", type=float, default=0.5, help="fraction of warm-start problems shown with c")
-parser.add_argument("--sft_until", type=float, default=0.2, help="end the warm start once the student view solves this "
-                    "fraction of a validation set (0: run all --sft_steps)")
-# stage 2: RL
-parser.add_argument("--rl_steps", type=int, default=300, help="RL steps (rollout batches)")
-parser.add_argument("--algo", type=str, default="sdpg", choices=["sdpg", "grpo", "rlsd", "opd"], help="grpo: no "
-                    "distillation term; rlsd: the teacher reweights the advantage instead; opd: distillation alone")
-parser.add_argument("--prompts_per_step", type=int, default=32, help="prompts per rollout batch, all ranks together")
-parser.add_argument("--group_size", type=int, default=8, help="G, responses sampled per prompt")
-parser.add_argument("--num_minibatches", type=int, default=2, help="optimizer updates per rollout batch")
-parser.add_argument("--lr", type=float, default=1e-4, help="RL AdamW learning rate")
-parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (both stages)")
-parser.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0: off)")
-parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
-parser.add_argument("--max_new_tokens", type=int, default=8, help="longest response")
-# the recipe: --recipe sets each flag below that reads "recipe"; a flag given explicitly wins
-parser.add_argument("--recipe", type=str, default="paper", choices=["paper", "release"], help="the paper's section 4.1 "
-                    "configuration, or the released script's (see the docstring)")
-parser.add_argument("--clip_low", type=float, default=None, help="eps_low of the PPO clip (recipe: 0.2)")
-parser.add_argument("--clip_high", type=float, default=None, help="eps_high (recipe: paper 0.2, release 0.28)")
-parser.add_argument("--dual_clip", type=float, default=None, help="c of the dual clip for A < 0 (recipe: 10)")
-parser.add_argument("--beta", type=float, default=0.05, help="weight of the self-distillation term (peak of the schedule)")
-parser.add_argument("--beta_warmup", type=float, default=None, help="T_warm: steps of linear beta warm-up, 0 off "
-                    "(recipe: paper rl_steps/8, release 0)")
-parser.add_argument("--beta_decay", type=float, default=None, help="T_decay: final steps of linear beta decay, 0 off "
-                    "(recipe: paper 7*rl_steps/8, release 0)")
-parser.add_argument("--opd_gate", type=str, default=None, choices=["positive", "all"], help="distil on A>0 rollouts "
-                    "or on all (recipe: paper positive, release all)")
-parser.add_argument("--kl_cap", type=float, default=None, help="cap of the per-token distillation KL, 0 off (recipe: 20)")
-parser.add_argument("--opd_exclude_eot", action="store_true", help="no distillation KL on end-of-text tokens (official "
-                    "option, off by default)")
-parser.add_argument("--kl_in_reward", type=float, default=None, help="coefficient of the k1 KL-to-reference penalty "
-                    "subtracted from the reward (official GRPO; recipe: 0, grpo 1e-3)")
-parser.add_argument("--teacher", type=str, default="current", choices=["current", "frozen"], help="weights of the "
-                    "teacher view: current (the model being trained, as the paper) or frozen (pi_ref, the warm start)")
-parser.add_argument("--rlsd_lambda", type=float, default=0.5, help="RLSD: initial mixing weight lambda of the "
-                    "teacher-reweighted advantage")
-parser.add_argument("--rlsd_decay", type=int, default=50, help="RLSD: lambda decays linearly to 0 over these steps (0: constant)")
-parser.add_argument("--rlsd_clip", type=float, default=0.2, help="RLSD: the token weight is clipped to [1 - this, 1 + this]")
-parser.add_argument("--filter_groups", action="store_true", help="DAPO dynamic sampling: drop groups whose rewards are "
-                    "all equal and sample more prompts in their place")
-parser.add_argument("--max_gen_batches", type=int, default=10, help="with --filter_groups: most rollout batches per step; "
-                    "if still short, the batch is filled with dropped groups")
-parser.add_argument("--alpha", type=float, default=None, help="weight of the reference penalty (recipe: 1e-3, "
-                    "grpo and rlsd 0)")
-parser.add_argument("--diag_every", type=int, default=20, help="RL steps between loss diagnostics: per-term gradient "
-                    "norms, KL estimators vs exact (0: off)")
-parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many RL steps in a row with a "
-                    "non-finite loss or gradient (each such update is skipped)")
-parser.add_argument("--debug_nan_at", type=int, default=-1, help="testing aid: poison the loss from this RL step on")
-parser.add_argument("--kl_mode", type=str, default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="form of the reference penalty")
-parser.error = die  # argparse's own errors (unknown flag, bad choice) become one line too
-
-# Each recipe is a whole configuration, read from the official code (docstring: the repository
-# and commit). The schedule lengths are fractions of --rl_steps: the paper's 50 and 350 of 400.
-RECIPES = {
-    "paper": dict(opd_gate="positive", beta_warmup=1 / 8, beta_decay=7 / 8, clip_low=0.2, clip_high=0.2,
-                  dual_clip=10.0, kl_cap=20.0, alpha=1e-3, kl_in_reward=0.0),
-    # run_qwen3_4b_sdpg_boxed.sh:42-48 (beta, alpha, schedule off, gate off, urkl), :60-61 (clip),
-    # :152 (dual clip); the cap is dp_actor.py:632
-    "release": dict(opd_gate="all", beta_warmup=0.0, beta_decay=0.0, clip_low=0.2, clip_high=0.28,
-                    dual_clip=10.0, kl_cap=20.0, alpha=1e-3, kl_in_reward=0.0),
-}
-BASELINES = {  # the official baseline scripts' settings, whatever the recipe
-    # run_qwen3_4b_grpo_original_boxed.sh:35-43: clip 0.2/0.2, c = 1000, no KL loss, k1 KL 1e-3 in the reward
-    "grpo": dict(clip_low=0.2, clip_high=0.2, dual_clip=1000.0, alpha=0.0, kl_in_reward=1e-3),
-    # run_qwen3_4b_rlsd_boxed.sh leaves the clip at verl's defaults (actor.yaml:36-42, 112): 0.2/0.2, c = 3
-    "rlsd": dict(clip_low=0.2, clip_high=0.2, dual_clip=3.0, alpha=0.0, kl_in_reward=0.0),
-}
-
-
-def resolve(args):
-    """Fill every flag left at None from the algorithm's official settings, then the recipe."""
-    settings = {**RECIPES[args.recipe], **BASELINES.get(args.algo, {})}
-    for k, v in settings.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v * args.rl_steps if k in ("beta_warmup", "beta_decay") else v)
-    return args
-
-
-# -----------------------------------------------------------------------------
 # the terms of the loss, each one function (tests import them)
 
 def group_advantages(rewards, group_size, eps=1e-6):
@@ -323,6 +215,116 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
                      "clip_frac": clipped.float()})
         sums = {k: (v.detach() * m).sum() for k, v in sums.items()}
     return loss, sums, terms
+
+
+# -----------------------------------------------------------------------------
+# config: every default in one place; each is a flag of the same name
+
+parser = argparse.ArgumentParser(description="SDPG on a toy arithmetic task")
+# I/O
+parser.add_argument("--out_dir", type=str, default="out", help="sft.pt, ckpt.pt and log.jsonl go here")
+parser.add_argument("--resume", type=str, default="", help="continue RL from this ckpt.pt")
+parser.add_argument("--eval_every", type=int, default=50, help="RL steps between evaluations (0: start and end only)")
+parser.add_argument("--eval_size", type=int, default=1000, help="held-out problems per evaluation")
+parser.add_argument("--eval_samples", type=int, default=4, help="temperature-1 samples per held-out problem for "
+                    "mean@n and pass@k (0: greedy only)")
+parser.add_argument("--seed", type=int, default=0, help="seeds model init, data and sampling")
+parser.add_argument("--device", type=str, default="auto", help="auto | cpu | cuda | cuda:N")
+parser.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+parser.add_argument("--dtype", type=str, default=None, choices=["float32", "bfloat16"], help="autocast precision "
+                    "(default: bfloat16 on CUDA, float32 on CPU)")
+parser.add_argument("--kl_chunk", type=int, default=0, help="response tokens per chunk of the lm_head in the loss "
+                    "(0: auto, one fp32 (chunk, V) block of about 24 MB)")
+parser.add_argument("--digits", type=int, default=2, help="operand digits of the addition task (1 to 6)")
+parser.add_argument("--tokenizer", type=str, default="bytes", help="bytes (built in) or a tiktoken name such as gpt2")
+# model
+parser.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
+parser.add_argument("--n_head", type=int, default=4, help="attention heads")
+parser.add_argument("--n_embd", type=int, default=128, help="width")
+# stage 1: supervised warm start of both views
+parser.add_argument("--sft_steps", type=int, default=2000, help="most warm-start steps (0 skips the stage)")
+parser.add_argument("--sft_batch", type=int, default=64, help="problems per warm-start step, all ranks together")
+parser.add_argument("--sft_lr", type=float, default=1e-3, help="warm-start AdamW learning rate")
+parser.add_argument("--sft_hint_frac", type=float, default=0.5, help="fraction of warm-start problems shown with c")
+parser.add_argument("--sft_until", type=float, default=0.2, help="end the warm start once the student view solves this "
+                    "fraction of a validation set (0: run all --sft_steps)")
+# stage 2: RL
+parser.add_argument("--rl_steps", type=int, default=300, help="RL steps (rollout batches)")
+parser.add_argument("--algo", type=str, default="sdpg", choices=["sdpg", "grpo", "rlsd", "opd"], help="grpo: no "
+                    "distillation term; rlsd: the teacher reweights the advantage instead; opd: distillation alone")
+parser.add_argument("--prompts_per_step", type=int, default=32, help="prompts per rollout batch, all ranks together")
+parser.add_argument("--group_size", type=int, default=8, help="G, responses sampled per prompt")
+parser.add_argument("--num_minibatches", type=int, default=2, help="optimizer updates per rollout batch")
+parser.add_argument("--lr", type=float, default=1e-4, help="RL AdamW learning rate")
+parser.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (both stages)")
+parser.add_argument("--grad_clip", type=float, default=1.0, help="max global grad norm (0: off)")
+parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of rollouts")
+parser.add_argument("--max_new_tokens", type=int, default=8, help="longest response")
+# the recipe: --recipe sets each flag below that reads "recipe"; a flag given explicitly wins
+parser.add_argument("--recipe", type=str, default="paper", choices=["paper", "release"], help="the paper's section 4.1 "
+                    "configuration, or the released script's (see the docstring)")
+parser.add_argument("--clip_low", type=float, default=None, help="eps_low of the PPO clip (recipe: 0.2)")
+parser.add_argument("--clip_high", type=float, default=None, help="eps_high (recipe: paper 0.2, release 0.28)")
+parser.add_argument("--dual_clip", type=float, default=None, help="c of the dual clip for A < 0 (recipe: 10)")
+parser.add_argument("--beta", type=float, default=0.05, help="weight of the self-distillation term (peak of the schedule)")
+parser.add_argument("--beta_warmup", type=float, default=None, help="T_warm: steps of linear beta warm-up, 0 off "
+                    "(recipe: paper rl_steps/8, release 0)")
+parser.add_argument("--beta_decay", type=float, default=None, help="T_decay: final steps of linear beta decay, 0 off "
+                    "(recipe: paper 7*rl_steps/8, release 0)")
+parser.add_argument("--opd_gate", type=str, default=None, choices=["positive", "all"], help="distil on A>0 rollouts "
+                    "or on all (recipe: paper positive, release all)")
+parser.add_argument("--kl_cap", type=float, default=None, help="cap of the per-token distillation KL, 0 off (recipe: 20)")
+parser.add_argument("--opd_exclude_eot", action="store_true", help="no distillation KL on end-of-text tokens (official "
+                    "option, off by default)")
+parser.add_argument("--kl_in_reward", type=float, default=None, help="coefficient of the k1 KL-to-reference penalty "
+                    "subtracted from the reward (official GRPO; recipe: 0, grpo 1e-3)")
+parser.add_argument("--teacher", type=str, default="current", choices=["current", "frozen"], help="weights of the "
+                    "teacher view: current (the model being trained, as the paper) or frozen (pi_ref, the warm start)")
+parser.add_argument("--rlsd_lambda", type=float, default=0.5, help="RLSD: initial mixing weight lambda of the "
+                    "teacher-reweighted advantage")
+parser.add_argument("--rlsd_decay", type=int, default=50, help="RLSD: lambda decays linearly to 0 over these steps (0: constant)")
+parser.add_argument("--rlsd_clip", type=float, default=0.2, help="RLSD: the token weight is clipped to [1 - this, 1 + this]")
+parser.add_argument("--filter_groups", action="store_true", help="DAPO dynamic sampling: drop groups whose rewards are "
+                    "all equal and sample more prompts in their place")
+parser.add_argument("--max_gen_batches", type=int, default=10, help="with --filter_groups: most rollout batches per step; "
+                    "if still short, the batch is filled with dropped groups")
+parser.add_argument("--alpha", type=float, default=None, help="weight of the reference penalty (recipe: 1e-3, "
+                    "grpo and rlsd 0)")
+parser.add_argument("--diag_every", type=int, default=20, help="RL steps between loss diagnostics: per-term gradient "
+                    "norms, KL estimators vs exact (0: off)")
+parser.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many RL steps in a row with a "
+                    "non-finite loss or gradient (each such update is skipped)")
+parser.add_argument("--debug_nan_at", type=int, default=-1, help="testing aid: poison the loss from this RL step on")
+parser.add_argument("--kl_mode", type=str, default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="form of the reference penalty")
+parser.error = die  # argparse's own errors (unknown flag, bad choice) become one line too
+
+# Each recipe is a whole configuration, read from the official code (docstring: the repository
+# and commit). The schedule lengths are fractions of --rl_steps: the paper's 50 and 350 of 400.
+RECIPES = {
+    # the paper's section 4.1 (gate, T_warm 50 and T_decay 350 of T = 400, clip 0.2/0.2); the dual clip
+    # and the KL cap, on which the paper is silent, as the released code
+    "paper": dict(opd_gate="positive", beta_warmup=1 / 8, beta_decay=7 / 8, clip_low=0.2, clip_high=0.2,
+                  dual_clip=10.0, kl_cap=20.0, alpha=1e-3, kl_in_reward=0.0),
+    # run_qwen3_4b_sdpg_boxed.sh:42-48 (beta, alpha, schedule off, gate off, urkl), :60-61 (clip),
+    # :152 (dual clip); the cap is dp_actor.py:632
+    "release": dict(opd_gate="all", beta_warmup=0.0, beta_decay=0.0, clip_low=0.2, clip_high=0.28,
+                    dual_clip=10.0, kl_cap=20.0, alpha=1e-3, kl_in_reward=0.0),
+}
+BASELINES = {  # the official baseline scripts' settings, whatever the recipe
+    # run_qwen3_4b_grpo_original_boxed.sh:35-43: clip 0.2/0.2, c = 1000, no KL loss, k1 KL 1e-3 in the reward
+    "grpo": dict(clip_low=0.2, clip_high=0.2, dual_clip=1000.0, alpha=0.0, kl_in_reward=1e-3),
+    # run_qwen3_4b_rlsd_boxed.sh leaves the clip at verl's defaults (actor.yaml:36-42, 112): 0.2/0.2, c = 3
+    "rlsd": dict(clip_low=0.2, clip_high=0.2, dual_clip=3.0, alpha=0.0, kl_in_reward=0.0),
+}
+
+
+def resolve(args):
+    """Fill every flag left at None from the algorithm's official settings, then the recipe."""
+    settings = {**RECIPES[args.recipe], **BASELINES.get(args.algo, {})}
+    for k, v in settings.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v * args.rl_steps if k in ("beta_warmup", "beta_decay") else v)
+    return args
 
 
 # -----------------------------------------------------------------------------
