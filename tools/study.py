@@ -52,6 +52,8 @@ EXTRA = {  # run on request with --arms
     "rlsd": ["--algo", "rlsd"],  # the teacher reweights the advantage (its official script's clip)
     "opd": ["--algo", "opd", "--recipe", "release"],  # the distillation term alone, no verifier
     "release_gated": ["--recipe", "release", "--opd_gate", "positive"],  # the release recipe with the gate
+    "release_beta0": ["--recipe", "release", "--beta", "0"],  # the release recipe without distillation
+    "grpo_no_kl_reward": ["--algo", "grpo", "--kl_in_reward", "0"],  # official GRPO less its reward penalty
 }
 SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "digits3": [0, 1, 2]}  # unless --seeds
 KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each log
@@ -156,15 +158,16 @@ def acc_at(evals, step):
     return min(evals, key=lambda r: abs(r["step"] - step))["eval_acc"]
 
 
-def table(runs, target, arms):
-    """The markdown table of these arms of one regime."""
+def table(runs, target, arms, ref_arm="grpo"):
+    """The markdown table of these arms of one regime; the gaps are to ref_arm on the same seed."""
     runs = {a: runs[a] for a in arms if a in runs}
-    ref = runs.get("grpo", {})
+    ref = runs.get(ref_arm, {})
     last = max(r["step"] for r in next(iter(next(iter(runs.values())).values()))["eval"])
     early = round(0.2 * last)
     fmt = lambda xs, d=3: "{:.{d}f} ± {:.{d}f}".format(*mean_std(xs), d=d)
-    lines = [f"| arm | seeds | final acc | best acc | steps to {target:.0%} | early lift vs GRPO (step {early}) | "
-             f"final gap vs GRPO | final teacher acc | final entropy |",
+    name = "GRPO" if ref_arm == "grpo" else ref_arm
+    lines = [f"| arm | seeds | final acc | best acc | steps to {target:.0%} | early lift vs {name} (step {early}) | "
+             f"final gap vs {name} | final teacher acc | final entropy |",
              "|---|---|---|---|---|---|---|---|---|"]
     for arm, seeds in runs.items():
         final = [s["eval"][-1]["eval_acc"] for s in seeds.values()]
@@ -173,13 +176,13 @@ def table(runs, target, arms):
         reached = [h for h in hit if h is not None]
         to_target = f"{sum(reached) / len(reached):.0f} ({len(reached)}/{len(hit)} seeds)" if reached else f"never (0/{len(hit)})"
         paired = [k for k in seeds if k in ref]
-        lift = fmt([acc_at(seeds[k]["eval"], early) - acc_at(ref[k]["eval"], early) for k in paired]) if paired and arm != "grpo" else "-"
-        gap = fmt([seeds[k]["eval"][-1]["eval_acc"] - ref[k]["eval"][-1]["eval_acc"] for k in paired]) if paired and arm != "grpo" else "-"
+        lift = fmt([acc_at(seeds[k]["eval"], early) - acc_at(ref[k]["eval"], early) for k in paired]) if paired and arm != ref_arm else "-"
+        gap = fmt([seeds[k]["eval"][-1]["eval_acc"] - ref[k]["eval"][-1]["eval_acc"] for k in paired]) if paired and arm != ref_arm else "-"
         teacher = fmt([s["eval"][-1]["teacher_acc"] for s in seeds.values()])
         entropy = fmt([s["rl"][-1]["entropy"] for s in seeds.values()], 2)
         lines.append(f"| {arm} | {len(seeds)} | {fmt(final)} | {fmt(best)} | {to_target} | {lift} | {gap} | {teacher} | {entropy} |")
     config = next(iter(next(iter(runs.values())).values()))["config"]
-    return "\n".join(lines) + (f"\n\nmean ± std over seeds (the gaps: over the seeds shared with GRPO, "
+    return "\n".join(lines) + (f"\n\nmean ± std over seeds (the gaps: over the seeds shared with {name}, "
                                f"paired); held-out greedy accuracy on {config['eval_size']} problems, "
                                f"{config['rl_steps']} RL steps.\n")
 
@@ -256,6 +259,10 @@ def report(regimes, results):
         all_runs[regime] = load(path)
         arms = [a for a in {**ARMS, **EXTRA} if a in all_runs[regime]]
         md = f"### Regime: {regime}\n\n" + table(all_runs[regime], REGIMES[regime][1], arms)
+        for ref_arm, with_beta in (("paper_beta0", ["paper_urkl", "paper_ufkl"]), ("release_beta0", ["release"])):
+            if ref_arm in all_runs[regime]:  # what the distillation term adds: each arm against itself with beta 0
+                md += (f"\n### Regime: {regime}, gaps to {ref_arm}\n\n" +
+                       table(all_runs[regime], REGIMES[regime][1], [ref_arm, *with_beta], ref_arm))
         md += f"\n### Regime: {regime}, the distillation signal\n\n" + mechanism_table(all_runs[regime], arms)
         with open(os.path.join(results, f"{regime}.md"), "w") as f:
             f.write(md)
