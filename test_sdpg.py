@@ -989,6 +989,23 @@ def test_plot_summary_tables_match_the_log(tmp_path):
     assert "median RL step 1.100 s" in md  # the upper median of 0.1 .. 2.0
 
 
+def test_worked_example_numbers_agree_with_each_other():
+    """tools/worked_example.py: advantages sum to 0 in the group, only A > 0 rows are distilled, and the
+    distillation term is beta times the gated per-token KLs of the table over the group's tokens."""
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    import worked_example
+    model = tiny_gpt()
+    args = sdpg.resolve(sdpg.parser.parse_args(["--group_size", "4"]))
+    task = data.AdditionTask(eval_size=1)
+    ex = worked_example.worked_example(model, ENC, task, (7, 96), args, seed=0)
+    advs = [r["adv"] for r in ex["rollouts"]]
+    assert sum(advs) == pytest.approx(0, abs=1e-5) and len(advs) == 4
+    gated = sum(t["kl"] for r in ex["rollouts"] if r["gated_in"] for t in r["tokens"])
+    assert all(r["gated_in"] == (r["adv"] > 0) for r in ex["rollouts"])
+    assert ex["terms"]["opd"] == pytest.approx(args.beta * min(gated, 1e9) / ex["n_tokens"], rel=1e-4)
+    assert "| 0 |" in worked_example.markdown(ex, args)
+
+
 def test_teacher_signal_table_matches_full_forwards():
     sys.path.insert(0, os.path.join(HERE, "tools"))
     import teacher_signal

@@ -44,11 +44,15 @@ def worked_example(model, enc, task, problem, args, seed):
           "ref_logp": logp, "h_teacher": ht, "is_eot": resp == enc.eot_token}
     n_tok = mask.sum().item()
     loss, _, terms = sdpg.minibatch_loss(model, W, mb, args, args.beta, n_tok, 1)
+    params = [p for p in model.parameters()]
+    term_grad = {}
+    for k, v in terms.items():  # each term's gradient norm: a term can be 0 and still move the weights
+        g = torch.autograd.grad(v, params, retain_graph=True, allow_unused=True)
+        term_grad[k] = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params)]).norm().item()
 
     # the stop-gradient: d KL / d theta through the student side (what SDPG uses) and through the
     # teacher side (what a loss without SG would add), on the tokens the gate keeps
     gate = (adv > 0).float()[:, None] * mask if args.opd_gate == "positive" else mask
-    params = [p for p in model.parameters()]
     zs = response_logits(model, mb["student"], resp) / T
     zt = response_logits(model, cx.repeat_interleave(G, 0), resp) / T
     side = {}
@@ -70,6 +74,7 @@ def worked_example(model, enc, task, problem, args, seed):
                      "gated_in": bool(adv[i] > 0) if args.opd_gate == "positive" else True, "tokens": toks})
     return {"prompt": enc.decode(student[0]), "context": task.context(problem), "answer": task.answer(problem),
             "rollouts": rows, "n_tokens": n_tok, "loss": loss.item(), "terms": {k: v.item() for k, v in terms.items()},
+            "term_grad_norms": term_grad,
             "grad_norm_student_side": side["student"].norm().item(),
             "grad_norm_teacher_side": side["teacher"].norm().item(), "grad_cos_sides": cos}
 
@@ -84,7 +89,8 @@ def markdown(ex, args):
         out.append(f"| {i} | `{r['text']}` | {r['reward']:.0f} | {r['adv']:+.3f} | {'yes' if r['gated_in'] else 'no'} | {toks} |")
     t = ex["terms"]
     out += ["", f"Loss over the group's {ex['n_tokens']:.0f} response tokens: L_out {t.get('out', 0):+.5f}, "
-                f"beta * L_OPD {t.get('opd', 0):+.5f}, alpha * L_ref {t.get('ref', 0):+.5f}, total {ex['loss']:+.5f}.",
+                f"beta * L_OPD {t.get('opd', 0):+.5f}, alpha * L_ref {t.get('ref', 0):+.5f}, total {ex['loss']:+.5f}; "
+                f"gradient norms " + ", ".join(f"{k} {v:.4f}" for k, v in ex["term_grad_norms"].items()) + ".",
             f"Gradient of the gated KL: through the student {ex['grad_norm_student_side']:.4f}; through the teacher, "
             f"were it not detached, {ex['grad_norm_teacher_side']:.4f} more, at cosine {ex['grad_cos_sides']:+.2f} "
             f"to the student side."]
