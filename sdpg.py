@@ -74,8 +74,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import AdditionTask, encode_batch, get_encoding
-from model import (GPT, GPTConfig, chunked_entropy, chunked_token_logprobs, fused_reverse_kl, response_hidden,
-                   response_logits)
+from model import GPT, GPTConfig, chunked_entropy, chunked_token_logprobs, fused_reverse_kl, response_hidden
 from plumbing import (JsonlLog, StopRequest, all_sum, die, dynamic_sampling, evaluate, group_has_signal,
                       load_checkpoint, loss_diagnostics, print0, resume, sampled_eval, save_checkpoint,
                       setup_distributed, validate, verify, warm_start)
@@ -343,7 +342,7 @@ if __name__ == "__main__":
         die(f"--max_new_tokens must be >= {len(target0[0])}: the answer and end-of-text")
 
     rank, local_rank, world_size, device, use_cuda = setup_distributed(args)
-    ddp, master = world_size > 1 or dist.is_initialized(), rank == 0
+    ddp, master = dist.is_initialized(), rank == 0  # under torchrun, even with one process
     args.dtype = args.dtype or ("bfloat16" if use_cuda else "float32")  # the config record logs what ran
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     per_rank, rem = divmod(args.prompts_per_step, world_size * args.num_minibatches)

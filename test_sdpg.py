@@ -20,7 +20,7 @@ from torch.testing import assert_close
 import data
 import plumbing
 import sdpg
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, response_logits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENC = data.get_encoding()
@@ -344,8 +344,8 @@ def test_teacher_and_student_score_the_same_response_positions():
     model = tiny_gpt(torch.float64)
     student, teacher, targets = encode([7, 123], [596, 456], 3)
     x, cx, y = torch.tensor(student), torch.tensor(teacher), torch.tensor(targets)
-    got_teacher = sdpg.response_logits(model, cx, y)
-    got_student = sdpg.response_logits(model, x, y)
+    got_teacher = response_logits(model, cx, y)
+    got_student = response_logits(model, x, y)
     full_teacher = model(torch.cat([cx, y], 1))  # direct forward on c + x + y
     full_student = model(torch.cat([x, y], 1))
     Tc, Tr = cx.size(1), y.size(1)
@@ -397,18 +397,37 @@ def test_student_view_never_holds_the_privileged_context():
     assert all(ENC.decode(s) == data.prompt_text(int(i), int(j)) for s, i, j in zip(student, a, b))
 
 
-def test_rollouts_and_eval_feed_the_student_no_hint(monkeypatch):
-    """Walk the prompts that reach generate() during evaluation: no teacher-only token in the
-    student batch, and the teacher batch is the student batch behind c."""
-    model = tiny_gpt()
-    seen = []
-    orig = GPT.generate
+def spy_on_generate(monkeypatch):
+    """Record every prompt batch given to GPT.generate (a list, filled as the model is called)."""
+    seen, orig = [], GPT.generate
 
     def spy(self, prompts, *a, **k):
         seen.append(prompts.clone())
         return orig(self, prompts, *a, **k)
 
     monkeypatch.setattr(GPT, "generate", spy)
+    return seen
+
+
+def run_in_process(monkeypatch, args):
+    """Run sdpg.py as __main__ in this process (so spies on the model see it), then restore the
+    SIGINT and SIGTERM handlers it installs."""
+    import runpy
+    import signal
+    monkeypatch.setattr(sys, "argv", ["sdpg.py", "--device", "cpu"] + args)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        runpy.run_path(os.path.join(HERE, "sdpg.py"), run_name="__main__")
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+
+
+def test_rollouts_and_eval_feed_the_student_no_hint(monkeypatch):
+    """Walk the prompts that reach generate() during evaluation: no teacher-only token in the
+    student batch, and the teacher batch is the student batch behind c."""
+    model = tiny_gpt()
+    seen = spy_on_generate(monkeypatch)
     task = data.AdditionTask(eval_size=20)
     plumbing.evaluate(model, ENC, task, task.eval_set, 0, 1, 6, torch.device("cpu"), torch.no_grad())
     hint = ENC.encode_single_token(data.HINT)
@@ -468,7 +487,7 @@ def fixed_rollouts(model, n, seed, eot_last=False):
         if eot_last:
             resp[i, length - 1:] = ENC.eot_token
     with torch.no_grad():
-        logp = torch.log_softmax(sdpg.response_logits(model, x, resp), -1).gather(-1, resp[..., None])[..., 0]
+        logp = torch.log_softmax(response_logits(model, x, resp), -1).gather(-1, resp[..., None])[..., 0]
         old = logp + 0.1 * torch.randn(n, 6)
         ref = old + 0.2 * torch.randn(n, 6)
         h_teacher = sdpg.response_hidden(model, cx, resp)  # (n, 6, H), as the loop computes it
@@ -535,7 +554,7 @@ def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
     args = sdpg.resolve(sdpg.parser.parse_args(["--algo", "opd", "--alpha", "0.1", "--opd_gate", "positive"]))
     m, n = mb["mask"], mb["mask"].sum()
     loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
-    z_s = sdpg.response_logits(model, mb["student"], mb["resp"])
+    z_s = response_logits(model, mb["student"], mb["resp"])
     z_t = mb["h_teacher"] @ model.lm_head_weight.T
     kl = brute_force_kl(z_s, z_t)
     logp = torch.log_softmax(z_s, -1).gather(-1, mb["resp"][..., None])[..., 0]
@@ -554,7 +573,7 @@ def test_kl_cap_and_end_of_text_exclusion_against_float64_autograd():
     mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
     m, n = mb["mask"], mb["mask"].sum()
     assert (mb["is_eot"] & (m > 0)).sum() == 4  # one end-of-text token in each row
-    z_s = sdpg.response_logits(model, mb["student"], mb["resp"])
+    z_s = response_logits(model, mb["student"], mb["resp"])
     z_t = mb["h_teacher"] @ model.lm_head_weight.T
     kl = sdpg.full_vocab_reverse_kl(z_s, z_t)  # (4, 6), with autograd
     cap = kl[m > 0].median().item()  # half of the tokens are capped
@@ -868,8 +887,6 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monke
     """Run sdpg.py in this process with spies on the model: every batch given to generate() (rollouts
     and the student side of evaluation) and every pi_old / pi_ref scoring prompt is hint-free; the hint
     appears only in teacher prompts, which are exactly c + the student prompt."""
-    import runpy
-    import signal
     hint = ENC.encode_single_token(data.HINT)
     calls = {"generate": [], "score": []}
     orig_generate, orig_score = GPT.generate, GPT.score
@@ -884,13 +901,7 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monke
 
     monkeypatch.setattr(GPT, "generate", generate)
     monkeypatch.setattr(GPT, "score", score)
-    monkeypatch.setattr(sys, "argv", ["sdpg.py", "--device", "cpu"] + TINY + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"])
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        runpy.run_path(os.path.join(HERE, "sdpg.py"), run_name="__main__")
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
+    run_in_process(monkeypatch, TINY + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"])
     steps, G, minibatches = 3, 4, 2  # TINY's --rl_steps, --group_size, and the default --num_minibatches
     sampled = [p for p, n in calls["generate"] if n > 1]  # rollouts and the sampled evaluation
     assert all(not (p == hint).any() for p in sampled)  # both sample from the student view only
@@ -938,25 +949,10 @@ class ReverseTask:
 def test_a_task_of_your_own_trains_end_to_end(tmp_path, monkeypatch):
     """The README's recipe for a new task: an object with the six members, put where AdditionTask is
     built. sdpg.py runs both stages on it, and its prompts reach the model as the task wrote them."""
-    import runpy
-    import signal
-    seen = []
-    orig_generate = GPT.generate
-
-    def generate(self, prompts, *a, **k):
-        seen.append(prompts.clone())
-        return orig_generate(self, prompts, *a, **k)
-
-    monkeypatch.setattr(GPT, "generate", generate)
+    seen = spy_on_generate(monkeypatch)
     monkeypatch.setattr(data, "AdditionTask", lambda digits, eval_size: ReverseTask(eval_size))
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["sdpg.py", "--device", "cpu"] + TINY + ["--out_dir", str(out), "--sft_until", "0"])
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        runpy.run_path(os.path.join(HERE, "sdpg.py"), run_name="__main__")
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
+    run_in_process(monkeypatch, TINY + ["--out_dir", str(out), "--sft_until", "0"])
     log = read_log(str(out))
     assert [r["step"] for r in log if r["phase"] == "rl"] == [1, 2, 3]
     assert all(0 <= r["eval_acc"] <= 1 for r in log if r["phase"] == "eval")
@@ -1013,8 +1009,8 @@ def test_teacher_signal_table_matches_full_forwards():
     student, teacher, targets = encode([7], [96], 2)
     y = torch.tensor(targets[0])
     rows = teacher_signal.signal_table(model, ENC, 7, 96, 2, y)
-    zs = sdpg.response_logits(model, torch.tensor(student), y[None])[0]  # (Tr, V)
-    zt = sdpg.response_logits(model, torch.tensor(teacher), y[None])[0]
+    zs = response_logits(model, torch.tensor(student), y[None])[0]  # (Tr, V)
+    zt = response_logits(model, torch.tensor(teacher), y[None])[0]
     assert [r[0] for r in rows] == ["3", "0", "1", "<eot>"]
     for t, (_, p, q, kl) in enumerate(rows):
         assert p == pytest.approx(zs[t].softmax(-1)[y[t]].item())
