@@ -44,7 +44,8 @@ def validate(args):
         (args.temperature > 0, "--temperature must be > 0 (rollouts are sampled)"),
         (0 <= args.clip_low < 1 and args.clip_high >= 0, "--clip_low must be in [0, 1) and --clip_high >= 0"),
         (args.dual_clip > 1, "--dual_clip must be > 1"),
-        (0 <= args.sft_hint_frac <= 1, "--sft_hint_frac must be in [0, 1]"),
+        (0 <= args.sft_hint_frac <= 1 and 0 <= args.sft_teacher_until <= 1,
+         "--sft_hint_frac and --sft_teacher_until must be in [0, 1]"),
         (args.eval_every >= 0, "--eval_every must be >= 0"),
         (args.sft_batch >= 1 and args.prompts_per_step >= 1 and args.num_minibatches >= 1, "batch sizes must be >= 1"),
         (args.kl_chunk >= 0, "--kl_chunk must be >= 0"),
@@ -241,7 +242,7 @@ def sft_batch(enc, task, rng, n, hint_frac, device):
     """Warm-start batch: n problems, a fraction shown with c. Inputs (n, L) and targets (n, L),
     targets -1 except on the response; plain rows are padded on the right to the hinted length
     (causal attention keeps padding from reaching earlier positions)."""
-    student, teacher, targets = encode_batch(enc, task, task.sample(rng, n))
+    student, teacher, targets = encode_batch(enc, task, task.sample(rng, n), rng)
     hinted = rng.random(n) < hint_frac
     L = len(teacher[0]) + len(targets[0]) - 1
     inputs, labels = [], []
@@ -256,8 +257,9 @@ def sft_batch(enc, task, rng, n, hint_frac, device):
 
 def warm_start(model, train_model, args, enc, task, sft_path, sft_key, stop, log, device, ctx, rank, world_size):
     """Stage 1, standing in for pretraining: next-token cross-entropy on the reference answers,
-    half of the problems shown with c (so the teacher view learns to read it), until the student
-    view solves --sft_until of a validation set and the teacher view 90% of it; saved to sft.pt."""
+    half of the problems shown with c (so the teacher view learns to read it, whatever its kind, at
+    the noise RL will see), until the student view solves --sft_until of a validation set and the
+    teacher view --sft_teacher_until of it; saved to sft.pt."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, weight_decay=args.weight_decay)
     sft_rng = np.random.default_rng([args.seed, rank, 0])
     # validation problems for --sft_until: training-distribution problems, never the eval set
@@ -287,7 +289,7 @@ def warm_start(model, train_model, args, enc, task, sft_path, sft_key, stop, log
             log({"phase": "sft", "step": step + 1, "loss": loss_avg, "time": elapsed})
         if args.sft_until > 0 and (step + 1) % 25 == 0:
             acc, teacher_acc = evaluate(model, enc, task, val_set, rank, world_size, args.max_new_tokens, device, ctx)
-            if acc >= args.sft_until and teacher_acc >= 0.9:
+            if acc >= args.sft_until and teacher_acc >= args.sft_teacher_until:
                 print0(f"sft {step + 1}/{args.sft_steps} | val acc {acc:.3f} >= {args.sft_until}, teacher "
                        f"{teacher_acc:.3f}: warm start done")
                 log({"phase": "sft", "step": step + 1, "val_acc": acc, "val_teacher_acc": teacher_acc})
@@ -311,10 +313,10 @@ def group_has_signal(rewards, group_size):
 
 
 def take_groups(batch, keep, group_size):
-    """The groups of a rollout batch where keep (N,) is True. batch: per-prompt tensors x, cx (N, .)
+    """The groups of a rollout batch where keep (N,) is True. batch: per-prompt tensors x, cx, y (N, .)
     and per-rollout tensors resp, mask (N*G, Tr) and rewards (N*G,), each group's G rows consecutive."""
     rows = keep.repeat_interleave(group_size)
-    return {k: v[keep] if k in ("x", "cx") else v[rows] for k, v in batch.items()}
+    return {k: v[keep] if k in ("x", "cx", "y") else v[rows] for k, v in batch.items()}
 
 
 def cat_rollouts(batches, eot):
@@ -343,6 +345,20 @@ def dynamic_sampling(next_batch, n_prompts, group_size, max_batches, eot):
 # -----------------------------------------------------------------------------
 # evaluation
 
+CONTEXT_SEED = 4321  # draws the held-out problems' contexts (partial, noisy, irrelevant) in evaluate
+
+
+def first_wrong(resp, mask, target):
+    """(B, Tr) bool, True at the first response token that differs from the reference response
+    target (B, Ty) (the answer and end-of-text): where a wrong rollout goes wrong. A correct
+    rollout has none; stopping early counts as wrong at its end-of-text."""
+    n = min(resp.size(1), target.size(1))
+    differ = torch.ones_like(mask, dtype=torch.bool)  # past the reference: wrong (or masked)
+    differ[:, :n] = resp[:, :n] != target[:, :n]
+    differ &= mask.bool()
+    return differ & (differ.cumsum(1) == 1)
+
+
 def verify(enc, task, resp, problems, group_size=1):
     """The verifier's reward of each response row; rows b*G .. b*G+G-1 answer problems[b]."""
     return [task.reward(decode_response(enc, r), problems[i // group_size]) for i, r in enumerate(resp.tolist())]
@@ -351,11 +367,13 @@ def verify(enc, task, resp, problems, group_size=1):
 @torch.no_grad()
 def evaluate(model, enc, task, problems, rank, world_size, max_new_tokens, device, ctx):
     """Greedy accuracy of the student view (prompt x) and the teacher view (prompt c + x) on the
-    held-out problems, sharded over ranks as range(rank, N, world_size)."""
+    held-out problems, sharded over ranks as range(rank, N, world_size). The contexts are drawn
+    for all the problems from one fixed seed: the same at every evaluation and any world size."""
     mine = problems[rank::world_size]
+    views = [v[rank::world_size] for v in encode_batch(enc, task, problems, np.random.default_rng(CONTEXT_SEED))[:2]]
     correct = torch.zeros(3, device=device)  # student, teacher, count
     if mine:
-        for i, prompts in enumerate(encode_batch(enc, task, mine)[:2]):
+        for i, prompts in enumerate(views):
             with ctx:
                 resp, _ = model.generate(torch.tensor(prompts, device=device), max_new_tokens, enc.eot_token, temperature=0)
             correct[i] = sum(verify(enc, task, resp, mine))
@@ -380,7 +398,7 @@ def sampled_eval(model, enc, task, problems, rank, world_size, max_new_tokens, d
     mine = problems[rank::world_size]
     stats = [0.0] * 5  # sum acc, sum acc^2, pass@1, pass@n, problems
     if mine:
-        student = encode_batch(enc, task, mine)[0]
+        student = encode_batch(enc, task, mine, np.random.default_rng(CONTEXT_SEED))[0]  # contexts unused
         gen = torch.Generator(device=device).manual_seed(seed + rank)
         with ctx:
             resp, _ = model.generate(torch.tensor(student, device=device), max_new_tokens, enc.eot_token, n, 1.0, gen)

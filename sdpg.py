@@ -73,9 +73,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import AdditionTask, encode_batch, get_encoding
+from data import CONTEXTS, AdditionTask, encode_batch, get_encoding
 from model import GPT, GPTConfig, chunked_entropy, chunked_token_logprobs, fused_reverse_kl, response_hidden
-from plumbing import (JsonlLog, StopRequest, all_sum, die, dynamic_sampling, evaluate, group_has_signal,
+from plumbing import (JsonlLog, StopRequest, all_sum, die, dynamic_sampling, evaluate, first_wrong, group_has_signal,
                       load_checkpoint, loss_diagnostics, print0, resume, sampled_eval, save_checkpoint,
                       setup_distributed, validate, verify, warm_start)
 
@@ -173,7 +173,8 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     student; weight: the tied output matrix W (V, H). mb holds the rollouts: the student prompts,
     resp and mask (B, Tr), adv (B,) or per token (B, Tr) for rlsd, old_logp and ref_logp (B, Tr),
     and for sdpg and opd the teacher's hidden states h_teacher (B, Tr, H), computed without gradient,
-    and is_eot (B, Tr), True at end-of-text tokens.
+    and for the logs is_eot and first_wrong (B, Tr), True at end-of-text tokens and at the token
+    where a rollout first departs from the reference answer.
     args.algo picks the terms: sdpg out + ref + opd, grpo and rlsd out + ref, opd ref + opd (ungated).
     Returns the loss, per-token metric sums (over this rank's response tokens), and the loss split
     into its terms {out, ref, opd} (each already weighted and normalised; they sum to the loss)."""
@@ -202,7 +203,9 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
         positive = args.algo == "sdpg" and args.opd_gate == "positive"  # opd has no advantage to gate on
         gate = (adv > 0).float() if positive else torch.ones_like(adv)
         per_token["opd"] = beta * gate * kl_used
-        sums = {"loss_opd": gate * kl_used, "kl_teacher": kl, "kl_teacher_eot": kl * mb["is_eot"]}
+        pos = (adv > 0).expand_as(kl).float()  # the rollouts the positive gate keeps
+        sums = {"loss_opd": gate * kl_used, "kl_teacher": kl, "kl_teacher_eot": kl * mb["is_eot"],
+                "kl_teacher_wrong": kl * mb["first_wrong"], "kl_teacher_pos": kl * pos, "tokens_pos": pos}
     # token-mean over the global mini-batch: sum over this rank's response tokens, divided by the
     # response tokens of all ranks; times world_size because DDP averages gradients over ranks
     terms = {k: (v * m).sum() * world_size / n_tokens_global for k, v in per_token.items()}
@@ -236,6 +239,11 @@ parser.add_argument("--kl_chunk", type=int, default=0, help="response tokens per
                     "(0: auto, one fp32 (chunk, V) block of about 24 MB)")
 parser.add_argument("--digits", type=int, default=2, help="operand digits of the addition task (1 to 6)")
 parser.add_argument("--tokenizer", type=str, default="bytes", help="bytes (built in) or a tiktoken name such as gpt2")
+parser.add_argument("--context", type=str, default="answer", choices=CONTEXTS,
+                    help="what the teacher view's privileged context holds: the answer, the carries, the answer with "
+                    "half its digits hidden, the answer with one digit wrong at chance --context_noise, or another "
+                    "problem's answer (data.context_text); warm start and RL alike")
+parser.add_argument("--context_noise", type=float, default=0.0, help="with --context noisy: the chance that c has one wrong digit")
 # model
 parser.add_argument("--n_layer", type=int, default=4, help="transformer blocks")
 parser.add_argument("--n_head", type=int, default=4, help="attention heads")
@@ -247,6 +255,8 @@ parser.add_argument("--sft_lr", type=float, default=1e-3, help="warm-start AdamW
 parser.add_argument("--sft_hint_frac", type=float, default=0.5, help="fraction of warm-start problems shown with c")
 parser.add_argument("--sft_until", type=float, default=0.2, help="end the warm start once the student view solves this "
                     "fraction of a validation set (0: run all --sft_steps)")
+parser.add_argument("--sft_teacher_until", type=float, default=None, help="... and the teacher view this fraction "
+                    "(default: 0.9 with --context answer, else 0: the other contexts stop on the student alone)")
 # stage 2: RL
 parser.add_argument("--rl_steps", type=int, default=300, help="RL steps (rollout batches)")
 parser.add_argument("--algo", type=str, default="sdpg", choices=["sdpg", "grpo", "rlsd", "opd"], help="grpo: no "
@@ -318,8 +328,10 @@ BASELINES = {  # the official baseline scripts' settings, whatever the recipe
 
 
 def resolve(args):
-    """Fill every flag left at None from the algorithm's official settings, then the recipe."""
-    settings = {**RECIPES[args.recipe], **BASELINES.get(args.algo, {})}
+    """Fill every flag left at None from the algorithm's official settings, then the recipe (and
+    the warm start's teacher bar from the context)."""
+    settings = {**RECIPES[args.recipe], **BASELINES.get(args.algo, {}),
+                "sft_teacher_until": 0.9 if args.context == "answer" else 0.0}
     for k, v in settings.items():
         if getattr(args, k) is None:
             setattr(args, k, v * args.rl_steps if k in ("beta_warmup", "beta_decay") else v)
@@ -334,10 +346,10 @@ if __name__ == "__main__":
     validate(args)
     try:
         enc = get_encoding(args.tokenizer)
-        task = AdditionTask(args.digits, args.eval_size)  # the interface a task implements: data.py
+        task = AdditionTask(args.digits, args.eval_size, args.context, args.context_noise)  # the interface: data.py
+        _, teacher0, target0 = encode_batch(enc, task, task.eval_set[:1], np.random.default_rng(0))
     except ValueError as e:
         die(str(e))
-    _, teacher0, target0 = encode_batch(enc, task, task.eval_set[:1])
     if args.max_new_tokens < len(target0[0]):
         die(f"--max_new_tokens must be >= {len(target0[0])}: the answer and end-of-text")
 
@@ -374,7 +386,8 @@ if __name__ == "__main__":
 
     sft_path = os.path.join(args.out_dir, "sft.pt")
     sft_key = {k: getattr(args, k) for k in ("seed", "tokenizer", "digits", "sft_steps", "sft_batch", "sft_lr",
-                                             "sft_hint_frac", "sft_until", "weight_decay")}
+                                             "sft_hint_frac", "sft_until", "sft_teacher_until", "weight_decay",
+                                             "context", "context_noise")}
     sft_key.update(model_args=model_args, world_size=world_size, device=device.type, dtype=args.dtype)
     cached = None
     if not args.resume and os.path.exists(sft_path):
@@ -439,13 +452,15 @@ if __name__ == "__main__":
 
     def rollout_batch():
         """P training problems, G responses to each from the student view (which never holds c), and
-        the verifier's rewards: x (P, Tp), cx (P, Tc+Tp), resp and mask (P*G, Tr), rewards (P*G,)."""
+        the verifier's rewards: x (P, Tp), cx (P, Tc+Tp), the reference responses y (P, Ty), resp and
+        mask (P*G, Tr), rewards (P*G,)."""
         problems = task.sample(rl_rng, P)
-        student, teacher, _ = encode_batch(enc, task, problems)
+        student, teacher, target = encode_batch(enc, task, problems, rl_rng)  # rl_rng draws random contexts
         x = torch.tensor(student, device=device)
         with ctx:
             resp, mask = model.generate(x, args.max_new_tokens, enc.eot_token, G, args.temperature, gen)
-        return {"x": x, "cx": torch.tensor(teacher, device=device), "resp": resp, "mask": mask,
+        return {"x": x, "cx": torch.tensor(teacher, device=device), "y": torch.tensor(target, device=device),
+                "resp": resp, "mask": mask,
                 "rewards": torch.tensor(verify(enc, task, resp, problems, G), device=device)}
 
     run_eval(start_step)
@@ -466,6 +481,7 @@ if __name__ == "__main__":
         x = batch["x"].repeat_interleave(G, 0)  # (P*G, Tp)
         cx = batch["cx"].repeat_interleave(G, 0)  # (P*G, Tc+Tp)
         resp, mask, rewards = batch["resp"], batch["mask"], batch["rewards"]
+        wrong = first_wrong(resp, mask, batch["y"].repeat_interleave(G, 0))  # (P*G, Tr), for the logs
 
         # 2. log-probs of the sampled tokens under pi_old (the rollout weights) and pi_ref; for rlsd
         # the teacher's too, once per rollout batch from the weights that sampled it (ray_trainer.py:1632-1638)
@@ -494,7 +510,8 @@ if __name__ == "__main__":
         for j in range(args.num_minibatches):
             s = slice(j * n_mb, (j + 1) * n_mb)
             mb = {"student": x[s], "resp": resp[s], "mask": mask[s], "adv": adv[s],
-                  "old_logp": old_logp[s], "ref_logp": ref_logp[s], "is_eot": resp[s] == enc.eot_token}
+                  "old_logp": old_logp[s], "ref_logp": ref_logp[s], "is_eot": resp[s] == enc.eot_token,
+                  "first_wrong": wrong[s]}
             t_a = now()
             # the teacher view: the current weights, no gradient, reading c + x + y (c + x once per prompt)
             if args.algo in ("sdpg", "opd"):
@@ -534,11 +551,14 @@ if __name__ == "__main__":
         rec = {"phase": "rl", "step": step + 1, "reward": r_sum / n_gen, "signal_frac": n_signal * G / n_gen,
                "gen_batches": n_gen / (P * G * world_size), **{k: v / n_tok for k, v in zip(names, totals)},
                "resp_len": n_tok / n_roll, "beta": beta, **({"rlsd_lambda": lam} if args.algo == "rlsd" else {}),
-               **({"eot_kl_share": totals[names.index("kl_teacher_eot")] / max(totals[names.index("kl_teacher")], 1e-30)}
-                  if "kl_teacher" in names else {}),
                "tok_per_s": n_tok / dt, "dt": dt,
                "dt_rollout": t_rollout, "dt_logp": t_logp, "dt_teacher": t_teacher, "dt_update": t_update,
                "skipped": skipped, **diag}
+        if "kl_teacher" in names:  # where the distillation KL falls: end-of-text, the first wrong token, A > 0
+            t = dict(zip(names, totals))
+            rec.update(eot_kl_share=t["kl_teacher_eot"] / max(t["kl_teacher"], 1e-30),
+                       wrong_kl_share=t["kl_teacher_wrong"] / max(t["kl_teacher"], 1e-30),
+                       kl_teacher_pos=t["kl_teacher_pos"] / max(t["tokens_pos"], 1e-30))  # per token of A > 0 rollouts
         log(rec)
         eta = (time.time() - t_run) / (step + 1 - start_step) * (args.rl_steps - step - 1)
         opd = f"opd {rec['loss_opd']:.3f} | kl_teacher {rec['kl_teacher']:.3f} | " if "kl_teacher" in rec else ""

@@ -28,7 +28,7 @@ ENC = data.get_encoding()
 
 def encode(a, b, digits=data.NUM_DIGITS, enc=ENC):
     """Student prompts, teacher prompts and targets of the addition problems (a[i], b[i])."""
-    return data.encode_batch(enc, data.AdditionTask(digits, eval_size=1), list(zip(map(int, a), map(int, b))))
+    return data.encode_batch(enc, data.AdditionTask(digits, eval_size=1), list(zip(map(int, a), map(int, b))), None)
 
 
 def tiny_gpt(dtype=torch.float32, seed=0, vocab_size=ENC.n_vocab):
@@ -397,6 +397,71 @@ def test_student_view_never_holds_the_privileged_context():
     assert all(ENC.decode(s) == data.prompt_text(int(i), int(j)) for s, i, j in zip(student, a, b))
 
 
+def schoolbook_carries(a, b, digits):
+    """The carry into each column of a + b, least significant first, by adding column by column."""
+    carries, c = [0], 0
+    for i in range(digits):
+        c = (a // 10 ** i % 10 + b // 10 ** i % 10 + c) // 10
+        carries.append(c)
+    return carries
+
+
+def test_contexts_hand_worked_and_by_their_definitions():
+    # 7 + 96 = 103, answer '301' (reversed); 6 + 7 carries into the tens, 0 + 9 + 1 into the hundreds
+    assert data.context_text("answer", 7, 96) == "301" and data.context_text("hint", 7, 96) == "011"
+    assert data.carry_text(7, 596, 3) == "0110"  # 603: carries out of the units and the tens only
+    rng = np.random.default_rng(0)
+    a, b = data.sample_problems(rng, 300, np.array([], dtype=np.int64), 3)
+    for i, j in zip(a.tolist(), b.tolist()):
+        y, hint = data.answer_text(i, j, 3), data.carry_text(i, j, 3)
+        assert [int(ch) for ch in hint] == schoolbook_carries(i, j, 3)
+        # the hint is not the answer, but with it each digit is one column's sum mod 10
+        assert [(i // 10 ** k % 10 + j // 10 ** k % 10 + int(hint[k])) % 10 for k in range(3)] + [int(hint[3])] \
+            == [int(ch) for ch in y]
+        part = data.context_text("partial", i, j, 3, rng)
+        assert part.count("?") == 2 and all(p in ("?", t) for p, t in zip(part, y))
+        assert data.context_text("noisy", i, j, 3, rng, 0.0) == y
+        wrong = data.context_text("noisy", i, j, 3, rng, 1.0)
+        assert len(wrong) == 4 and sum(p != t for p, t in zip(wrong, y)) == 1 and wrong.isdigit()
+        other = data.context_text("irrelevant", i, j, 3, rng)
+        assert other != y and len(other) == 4 and int(other[::-1]) <= 2 * 999  # some problem's sum
+    # noise p: one digit wrong in a fraction p of the contexts (binomial, 4000 draws: 5 sigma is 0.036)
+    n_wrong = sum(data.context_text("noisy", 12, 34, 2, rng, 0.3) != "64" + "0" for _ in range(4000))
+    assert abs(n_wrong / 4000 - 0.3) < 0.036
+    # every kind is the answer's length; an unknown kind or a stray noise is refused
+    for kind in data.CONTEXTS:
+        assert len(data.AdditionTask(2, 10, kind).context((7, 96), np.random.default_rng(1))) == 3
+    for bad in (dict(context="oracle"), dict(context="answer", noise=0.1), dict(context="noisy", noise=1.5)):
+        with pytest.raises(ValueError):
+            data.AdditionTask(2, 10, **bad)
+
+
+def test_evaluation_draws_the_same_contexts_every_time(monkeypatch):
+    """A noisy context on held-out problems is the same at every evaluation (fixed seed), so the
+    teacher-view accuracy over training is measured on one fixed set of contexts."""
+    model = tiny_gpt()
+    seen = spy_on_generate(monkeypatch)
+    task = data.AdditionTask(eval_size=40, context="noisy", noise=0.5)
+    for _ in range(2):
+        plumbing.evaluate(model, ENC, task, task.eval_set, 0, 1, 6, torch.device("cpu"), torch.no_grad())
+    assert torch.equal(seen[1], seen[3])
+    contexts = [ENC.decode(r[1:4].tolist()) for r in seen[1]]
+    answers = [task.answer(p) for p in task.eval_set]
+    assert 0 < sum(c != y for c, y in zip(contexts, answers)) < 40  # noisy, not all wrong
+
+
+def test_first_wrong_token_hand_worked():
+    eot = ENC.eot_token
+    target = torch.tensor([[51, 48, 49, eot]] * 4)  # '301' then end-of-text
+    resp = torch.tensor([[51, 48, 49, eot, eot],   # right: no wrong token
+                         [51, 57, 49, eot, eot],   # wrong at the second digit (the later one is right)
+                         [52, 57, 50, eot, eot],   # wrong from the first digit on
+                         [51, 48, eot, eot, eot]])  # stopped early: wrong at its end-of-text
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]).float()
+    got = plumbing.first_wrong(resp, mask, target)
+    assert got.int().tolist() == [[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 1, 0, 0]]
+
+
 def spy_on_generate(monkeypatch):
     """Record every prompt batch given to GPT.generate (a list, filled as the model is called)."""
     seen, orig = [], GPT.generate
@@ -478,7 +543,7 @@ def fixed_rollouts(model, n, seed, eot_last=False):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     a, b = data.sample_problems(rng, n, np.array([], dtype=np.int64))
-    student, teacher, _ = encode(a, b)
+    student, teacher, target = encode(a, b)
     x, cx = torch.tensor(student), torch.tensor(teacher)
     resp = torch.randint(0, 256, (n, 6))
     mask = torch.zeros(n, 6)
@@ -491,9 +556,10 @@ def fixed_rollouts(model, n, seed, eot_last=False):
         old = logp + 0.1 * torch.randn(n, 6)
         ref = old + 0.2 * torch.randn(n, 6)
         h_teacher = sdpg.response_hidden(model, cx, resp)  # (n, 6, H), as the loop computes it
+    first_wrong = plumbing.first_wrong(resp, mask, torch.tensor(target))
     adv = torch.randn(n)
     return {"student": x, "resp": resp, "mask": mask, "adv": adv, "old_logp": old, "ref_logp": ref,
-            "h_teacher": h_teacher, "is_eot": resp == ENC.eot_token}
+            "h_teacher": h_teacher, "is_eot": resp == ENC.eot_token, "first_wrong": first_wrong}
 
 
 def grads(model, mb, args, world_size, n_tokens_global):
@@ -590,6 +656,10 @@ def test_kl_cap_and_end_of_text_exclusion_against_float64_autograd():
             assert_close(g, g_ref)
         assert_close(sums["kl_teacher"], (kl * m).sum())  # the logged KL is the uncapped one
         assert_close(sums["kl_teacher_eot"], (kl * mb["is_eot"] * m).sum())
+        pos = (mb["adv"] > 0).double()[:, None]  # the logs split the KL by rollout and token
+        assert_close(sums["kl_teacher_pos"], (kl * pos * m).sum())
+        assert_close(sums["tokens_pos"], (pos * m).sum())
+        assert_close(sums["kl_teacher_wrong"], (kl * mb["first_wrong"] * m).sum())
 
 
 def test_rlsd_advantages_hand_worked():
@@ -732,6 +802,10 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     (["--prompts_per_step", "3"], "prompts_per_step"),
     (["--not_a_flag", "1"], "not_a_flag"),
     (["--out_dir", "/dev/null/run"], "out_dir"),  # a path under a file: not creatable
+    (["--context", "oracle"], "context"),
+    (["--context_noise", "0.2"], "context_noise"),  # noise on the exact answer: only with --context noisy
+    (["--context", "noisy", "--context_noise", "1.5"], "context_noise"),
+    (["--sft_teacher_until", "2"], "sft_teacher_until"),
 ])
 def test_bad_flags_exit_nonzero_with_one_line(flags, needle, tmp_path):
     p = run_script(["--out_dir", str(tmp_path)] + flags, timeout=60)  # a later --out_dir wins
@@ -883,10 +957,12 @@ def test_ddp_two_processes_with_uneven_lengths_and_gates_match_one_process(tmp_p
     assert "rank 0 OK" in p.stdout and "rank 1 OK" in p.stdout
 
 
-def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monkeypatch):
-    """Run sdpg.py in this process with spies on the model: every batch given to generate() (rollouts
-    and the student side of evaluation) and every pi_old / pi_ref scoring prompt is hint-free; the hint
-    appears only in teacher prompts, which are exactly c + the student prompt."""
+@pytest.mark.parametrize("context", [["answer"], ["hint"], ["partial"], ["noisy", "0.5"], ["irrelevant"]])
+def test_no_teacher_only_token_reaches_the_student_in_a_real_run(context, tmp_path, monkeypatch):
+    """Run sdpg.py in this process with spies on the model, for every kind of context: every batch
+    given to generate() (rollouts and the student side of evaluation) and every pi_old / pi_ref
+    scoring prompt is hint-free; the hint appears only in teacher prompts, which are exactly c + the
+    student prompt, with c of the kind asked for."""
     hint = ENC.encode_single_token(data.HINT)
     calls = {"generate": [], "score": []}
     orig_generate, orig_score = GPT.generate, GPT.score
@@ -901,7 +977,8 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monke
 
     monkeypatch.setattr(GPT, "generate", generate)
     monkeypatch.setattr(GPT, "score", score)
-    run_in_process(monkeypatch, TINY + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"])
+    flags = ["--context", context[0]] + (["--context_noise", context[1]] if len(context) > 1 else [])
+    run_in_process(monkeypatch, TINY + flags + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"])
     steps, G, minibatches = 3, 4, 2  # TINY's --rl_steps, --group_size, and the default --num_minibatches
     sampled = [p for p, n in calls["generate"] if n > 1]  # rollouts and the sampled evaluation
     assert all(not (p == hint).any() for p in sampled)  # both sample from the student view only
@@ -912,9 +989,19 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(tmp_path, monke
     assert len(student_scores) == 2 * steps + 2  # pi_old and pi_ref from x alone; pi_ref in 2 diagnostics
     assert len(teacher_scores) == minibatches * steps  # the teacher, once per mini-batch
     student_rows = {tuple(r.tolist()) for p in rollouts for r in p}
-    for p in teacher_scores:  # every teacher prompt is <hint> answer <hint> + a rollout prompt x
+    n_wrong = 0
+    for p in teacher_scores:  # every teacher prompt is <hint> c <hint> + a rollout prompt x
         assert (p[:, 0] == hint).all() and (p[:, 4] == hint).all() and not (p[:, 5:] == hint).any()
         assert all(tuple(r[5:].tolist()) in student_rows for r in p)
+        for r in p.tolist():
+            c, x = ENC.decode(r[1:4]), ENC.decode(r[5:])
+            a, b = int(x[:2]), int(x[3:5])
+            y = data.answer_text(a, b)
+            n_wrong += c != y
+            assert {"answer": c == y, "hint": c == data.carry_text(a, b), "irrelevant": c != y,
+                    "partial": c.count("?") == 1 and all(u in ("?", v) for u, v in zip(c, y)),
+                    "noisy": sum(u != v for u, v in zip(c, y)) <= 1}[context[0]]
+    assert context[0] != "noisy" or 0 < n_wrong < sum(len(p) for p in teacher_scores)
 
 
 class ReverseTask:
@@ -936,7 +1023,7 @@ class ReverseTask:
     def prompt(self, p):
         return p + "="
 
-    def context(self, p):
+    def context(self, p, rng):
         return p[::-1]
 
     def answer(self, p):

@@ -57,17 +57,19 @@ EXTRA = {  # run on request with --arms
 }
 SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "digits3": [0, 1, 2]}  # unless --seeds
 KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each log
-        "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd", "beta", "eot_kl_share"),
+        "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd", "beta", "eot_kl_share",
+               "wrong_kl_share", "kl_teacher_pos", "tokens_pos"),
         "diag": ("grad_norm_out", "grad_norm_opd", "grad_norm_ref", "grad_cos_out_opd")}  # rl records with diagnostics
 
 
-def run_all(regimes, seeds, arms, jobs, out_root, extra):
+def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None):
     """Warm starts first (one per regime and seed), then every arm; at most `jobs` processes.
-    seeds: a list, or None for each regime's SEEDS."""
+    seeds: a list, or None for each regime's SEEDS. table: {regime: (flags, ...)}, REGIMES by default."""
+    table = table or REGIMES
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    warm = [(r, s, os.path.join(out_root, r, f"warm_s{s}"), REGIMES[r][0] + ["--rl_steps", "0", "--eval_samples", "0"])
+    warm = [(r, s, os.path.join(out_root, r, f"warm_s{s}"), table[r][0] + ["--rl_steps", "0", "--eval_samples", "0"])
             for r in regimes for s in seeds or SEEDS[r]]
-    runs = [(r, s, os.path.join(out_root, r, f"{a}_s{s}"), REGIMES[r][0] + COMMON + {**ARMS, **EXTRA}[a])
+    runs = [(r, s, os.path.join(out_root, r, f"{a}_s{s}"), table[r][0] + COMMON + {**ARMS, **EXTRA}[a])
             for r in regimes for a in arms for s in seeds or SEEDS[r]]
     runs = [run for run in runs if not complete(run[2])]  # a finished run is kept, not run again
     warm = [w for w in warm if not complete(w[2]) and any((r, s) == w[:2] for r, s, _, _ in runs)]

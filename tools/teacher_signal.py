@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
@@ -19,9 +20,10 @@ from model import GPT, GPTConfig, chunked_token_logprobs, fused_reverse_kl  # no
 from plumbing import load_checkpoint  # noqa: E402
 
 
-def signal_table(model, enc, a, b, digits, resp, temperature=1.0):
-    """Rows (token text, p, q, KL) for each response token of resp (Tr,) up to its end-of-text."""
-    student, teacher, _ = encode_batch(enc, AdditionTask(digits, eval_size=1), [(a, b)])
+def signal_table(model, enc, task, a, b, resp, temperature=1.0, seed=0):
+    """Rows (token text, p, q, KL) for each response token of resp (Tr,) up to its end-of-text;
+    the teacher's context is the task's kind, drawn with seed where it involves chance."""
+    student, teacher, _ = encode_batch(enc, task, [(a, b)], np.random.default_rng(seed))
     x, cx, y = torch.tensor(student), torch.tensor(teacher), resp[None]
     W = model.lm_head_weight
     with torch.no_grad():
@@ -59,8 +61,8 @@ if __name__ == "__main__":
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    task = AdditionTask(digits, eval_size=1)
-    student = encode_batch(enc, task, [(args.a, args.b)])[0]
+    task = AdditionTask(digits, 1, cfg.get("context", "answer"), cfg.get("context_noise", 0.0))
+    student = encode_batch(enc, task, [(args.a, args.b)], np.random.default_rng(args.seed))[0]
     answers = [task.answer((args.a, args.b))]
     max_new = cfg.get("max_new_tokens", digits + 3)
     T = cfg.get("temperature", 1.0)
@@ -72,5 +74,5 @@ if __name__ == "__main__":
         text = decode_response(enc, r.tolist())
         print(f"\nresponse {text!r}: reward {task.reward(text, (args.a, args.b)):.0f}")
         print(f"{'token':>8} {'p (student)':>12} {'q (teacher)':>12} {'KL(p||q)':>10}")
-        for tok, pt, qt, kl in signal_table(model, enc, args.a, args.b, digits, r, T):
+        for tok, pt, qt, kl in signal_table(model, enc, task, args.a, args.b, r, T, args.seed):
             print(f"{tok:>8} {pt:12.4f} {qt:12.4f} {kl:10.4f}")

@@ -14,19 +14,20 @@ import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import sdpg  # noqa: E402
 from data import AdditionTask, decode_response, encode_batch, get_encoding  # noqa: E402
 from model import GPT, GPTConfig, chunked_token_logprobs, response_logits  # noqa: E402
-from plumbing import load_checkpoint  # noqa: E402
+from plumbing import first_wrong, load_checkpoint  # noqa: E402
 
 
 def worked_example(model, enc, task, problem, args, seed):
     """Everything the README's worked example shows, as a dict of plain Python values."""
     G, T = args.group_size, args.temperature
-    student, teacher, _ = encode_batch(enc, task, [problem])
+    student, teacher, target = encode_batch(enc, task, [problem], np.random.default_rng(seed))
     x, cx = torch.tensor(student), torch.tensor(teacher)
     gen = torch.Generator().manual_seed(seed)
     resp, mask = model.generate(x, args.max_new_tokens, enc.eot_token, G, T, gen)
@@ -41,7 +42,8 @@ def worked_example(model, enc, task, problem, args, seed):
         logq = chunked_token_logprobs(ht.flatten(0, 1), W, resp.flatten(), T).view(resp.shape)
         kl = sdpg.full_vocab_reverse_kl(hs @ W.T / T, ht @ W.T / T)  # (G, Tr)
     mb = {"student": x.repeat_interleave(G, 0), "resp": resp, "mask": mask, "adv": adv, "old_logp": logp,
-          "ref_logp": logp, "h_teacher": ht, "is_eot": resp == enc.eot_token}
+          "ref_logp": logp, "h_teacher": ht, "is_eot": resp == enc.eot_token,
+          "first_wrong": first_wrong(resp, mask, torch.tensor(target).repeat_interleave(G, 0))}
     n_tok = mask.sum().item()
     loss, _, terms = sdpg.minibatch_loss(model, W, mb, args, args.beta, n_tok, 1)
     params = [p for p in model.parameters()]
@@ -72,7 +74,7 @@ def worked_example(model, enc, task, problem, args, seed):
                          "p": logp[i, t].exp().item(), "q": logq[i, t].exp().item(), "kl": kl[i, t].item()})
         rows.append({"text": texts[i], "reward": rewards[i].item(), "adv": adv[i].item(),
                      "gated_in": bool(adv[i] > 0) if args.opd_gate == "positive" else True, "tokens": toks})
-    return {"prompt": enc.decode(student[0]), "context": task.context(problem), "answer": task.answer(problem),
+    return {"prompt": enc.decode(student[0]), "context": task.context(problem, np.random.default_rng(seed)), "answer": task.answer(problem),
             "rollouts": rows, "n_tokens": n_tok, "loss": loss.item(), "terms": {k: v.item() for k, v in terms.items()},
             "term_grad_norms": term_grad,
             "grad_norm_student_side": side["student"].norm().item(),

@@ -1,0 +1,186 @@
+"""
+How good must the privileged context be? The official GRPO, SDPG under the paper's recipe (the
+positive gate on) and under the released script's recipe (gate off) x seven contexts x seeds, in
+the default regime, from one warm start per context and seed; a markdown table and a figure.
+
+    python tools/contexts.py                      # the full grid: 3 arms x 7 contexts x 3 seeds
+    python tools/contexts.py --quick              # a subset: 3 arms x 4 contexts x seed 0
+    python tools/contexts.py --report             # table and figure again from results/contexts/
+
+The contexts (sdpg.py --context, data.context_text): the answer; the carries (a hint that is not
+the answer); the answer with half its digits hidden; the answer with one digit wrong at chance 0.1,
+0.3 and 0.6; another problem's answer. The warm start teaches the teacher view with the same kind
+of context at the same noise, so the teacher knows how far to trust it; the student view never
+sees any of it. GRPO never reads the context, but it starts RL from the same warm start, so the gap
+of an SDPG arm to GRPO on the same context and seed isolates what the distillation does.
+
+Each run is study.py's: `python sdpg.py <context flags> <study COMMON flags> <arm flags> --seed S`,
+200 RL steps, greedy evaluations every 20. Full logs stay in out/contexts/<context>/<arm>_s<seed>/;
+the fields used are collected into results/contexts/<context>.jsonl. A finished run is kept.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import study  # noqa: E402  (the runner, collection and statistics of tools/study.py)
+
+CONTEXTS = {  # name: (sdpg.py flags, None); in the order of the table
+    "answer": (["--context", "answer"], None),
+    "noise0.1": (["--context", "noisy", "--context_noise", "0.1"], None),
+    "noise0.3": (["--context", "noisy", "--context_noise", "0.3"], None),
+    "noise0.6": (["--context", "noisy", "--context_noise", "0.6"], None),
+    "partial": (["--context", "partial"], None),
+    "hint": (["--context", "hint"], None),
+    "irrelevant": (["--context", "irrelevant"], None),
+}
+ARMS = {"grpo": "GRPO", "paper_urkl": "paper (gated)", "release": "release (ungated)"}  # study.py's arms
+QUICK = (["answer", "noise0.3", "hint", "irrelevant"], [0])  # contexts and seeds of --quick
+EARLY = 40  # the early evaluation: 20% of the 200 RL steps
+
+
+def summarize(runs_by_ctx):
+    """Per context and arm, over the seeds: the teacher view's accuracy at the start and the end of
+    RL, the student's final accuracy, its gap to GRPO on the same seed at step EARLY and at the end,
+    and the distillation signal over all steps: the KL per token, its share on the token where wrong
+    rollouts first go wrong, and the KL per token of the rollouts the gate keeps (A > 0) over the
+    KL of all rollouts. {context: {arm: {field: [one value per seed]}}}."""
+    out = {}
+    for ctx, runs in runs_by_ctx.items():
+        grpo = runs.get("grpo", {})
+        for arm, seeds in runs.items():
+            row = out.setdefault(ctx, {}).setdefault(arm, {})
+            for seed, r in sorted(seeds.items()):
+                ev, rl = r["eval"], r["rl"]
+                add = lambda k, v: row.setdefault(k, []).append(v)
+                add("teacher_start", ev[0]["teacher_acc"])
+                add("teacher_end", ev[-1]["teacher_acc"])
+                add("final", ev[-1]["eval_acc"])
+                if arm != "grpo" and seed in grpo:
+                    add("gap_early", study.acc_at(ev, EARLY) - study.acc_at(grpo[seed]["eval"], EARLY))
+                    add("gap_final", ev[-1]["eval_acc"] - grpo[seed]["eval"][-1]["eval_acc"])
+                if "kl_teacher" in rl[0]:
+                    kl = sum(x["kl_teacher"] for x in rl)
+                    add("kl", kl / len(rl))
+                    add("wrong_share", sum(x["wrong_kl_share"] * x["kl_teacher"] for x in rl) / kl)
+                    pos = [x for x in rl if x["tokens_pos"] > 0]
+                    add("pos_ratio", sum(x["kl_teacher_pos"] for x in pos) / len(pos) / (kl / len(rl)))
+    return out
+
+
+def table(summary, n_seeds):
+    fmt = lambda xs, d=3: "{:+.{d}f} ± {:.{d}f}".format(*study.mean_std(xs), d=d) if xs else "-"
+    plain = lambda xs, d=3: "{:.{d}f} ± {:.{d}f}".format(*study.mean_std(xs), d=d) if xs else "-"
+    lines = ["| context | arm | teacher acc at RL start | final acc | gap vs GRPO, step 40 | final gap vs GRPO | "
+             "teacher acc at end | KL per token | KL share on the first wrong token | KL on A>0 / all |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for ctx, arms in summary.items():
+        for arm, name in ARMS.items():
+            if arm not in arms:
+                continue
+            r = arms[arm]
+            lines.append(f"| {ctx} | {name} | {plain(r['teacher_start'])} | {plain(r['final'])} | "
+                         f"{fmt(r.get('gap_early', []))} | {fmt(r.get('gap_final', []))} | {plain(r['teacher_end'])} | "
+                         f"{plain(r.get('kl', []))} | {plain(r.get('wrong_share', []), 2)} | "
+                         f"{plain(r.get('pos_ratio', []), 2)} |")
+    return "\n".join(lines) + (f"\n\nmean ± std over {n_seeds} seed(s); gaps paired on the seed (same warm start); "
+                               "held-out greedy accuracy on 1000 problems, 200 RL steps. The KL columns average "
+                               "all 200 steps (the share weighted by each step's KL).\n")
+
+
+def figure(summary, runs_by_ctx, out):
+    """Left: the final gap to GRPO against the teacher view's accuracy at the start of RL (the
+    context's quality as the model reads it), one point per context and arm, bars min to max over
+    seeds. Middle: the same at step 40. Right: the teacher view's accuracy over RL per context under
+    the release recipe (solid) and the paper recipe (dashed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    markers = {"paper_urkl": "o", "release": "s"}
+    for ax, key, title in ((axes[0], "gap_final", "final gap to GRPO (step 200)"),
+                           (axes[1], "gap_early", f"gap to GRPO at step {EARLY}")):
+        for arm, marker in markers.items():
+            xs, ys, lo, hi, names = [], [], [], [], []
+            for ctx, arms in summary.items():
+                if arm in arms and arms[arm].get(key):
+                    v = arms[arm][key]
+                    xs.append(sum(arms[arm]["teacher_start"]) / len(arms[arm]["teacher_start"]))
+                    ys.append(sum(v) / len(v))
+                    lo.append(ys[-1] - min(v))
+                    hi.append(max(v) - ys[-1])
+                    names.append(ctx)
+            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, capsize=3, label=ARMS[arm])
+            for x, y, n in zip(xs, ys, names):
+                ax.annotate(n, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xlabel("teacher-view accuracy at the start of RL (held-out, greedy)")
+        ax.set_ylabel("student accuracy minus GRPO's, same seed")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (ctx, runs), color in zip(runs_by_ctx.items(), colors):
+        for arm, style in (("release", "-"), ("paper_urkl", "--")):
+            if arm not in runs:
+                continue
+            curves = [[r["teacher_acc"] for r in s["eval"]] for s in runs[arm].values()]
+            steps = [r["step"] for r in next(iter(runs[arm].values()))["eval"]]
+            axes[2].plot(steps, [sum(v) / len(v) for v in zip(*curves)], style, color=color,
+                         label=ctx if arm == "release" else None)
+    axes[2].set_title("teacher-view accuracy over RL (solid: release, dashed: paper)")
+    axes[2].set_xlabel("RL step")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
+def report(contexts, results):
+    runs_by_ctx = {}
+    for ctx in contexts:
+        path = os.path.join(results, f"{ctx}.jsonl")
+        if os.path.exists(path):
+            runs_by_ctx[ctx] = study.load(path)
+    if not runs_by_ctx:
+        sys.exit(f"contexts.py: error: no collected runs in {results}; run the grid first")
+    summary = summarize(runs_by_ctx)
+    n_seeds = max(len(s) for runs in runs_by_ctx.values() for s in runs.values())
+    md = "### The privileged context: SDPG against GRPO, default regime\n\n" + table(summary, n_seeds)
+    with open(os.path.join(results, "contexts.md"), "w") as f:
+        f.write(md)
+    print(md)
+    try:
+        print("figure:", figure(summary, runs_by_ctx, os.path.join(results, "contexts.png")))
+    except ImportError:
+        print("no figure: matplotlib is not installed (pip install matplotlib)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="SDPG under privileged contexts of every quality, against GRPO")
+    parser.add_argument("--contexts", nargs="+", default=list(CONTEXTS), choices=list(CONTEXTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true", help=f"contexts {' '.join(QUICK[0])}, seed 0 "
+                        "(about 30 minutes on 2 CPU cores); its table and figure go to results/contexts_quick/")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--out_dir", default=os.path.join("out", "contexts"), help="the runs' own directories")
+    parser.add_argument("--results", default=None, help="collected logs, table, figure "
+                        "(default: results/contexts, or results/contexts_quick with --quick)")
+    parser.add_argument("--report", action="store_true", help="only redraw the table and figure from --results")
+    args, extra = parser.parse_known_args()  # anything else is passed on to every sdpg.py run
+    if args.quick:
+        args.contexts, args.seeds = QUICK
+    args.results = args.results or os.path.join(study.ROOT, "results", "contexts_quick" if args.quick else "contexts")
+    os.makedirs(args.results, exist_ok=True)
+    if not args.report:
+        if args.jobs < 1:
+            sys.exit("contexts.py: error: --jobs must be >= 1")
+        t0 = time.time()
+        study.run_all(args.contexts, args.seeds, list(ARMS), args.jobs, args.out_dir, extra, CONTEXTS)
+        for ctx in args.contexts:
+            study.collect(ctx, args.out_dir, args.results)
+        print(f"contexts: {len(args.contexts)} contexts x {len(ARMS)} arms x {len(args.seeds)} seeds "
+              f"in {(time.time() - t0) / 60:.1f} min")
+    report(args.contexts, args.results)
