@@ -2,7 +2,8 @@
 Self-Distilled Policy Gradient (SDPG, arXiv 2606.04036) in one file of plain PyTorch.
 
 One model pi_theta, two views of it: the student p_t = pi_theta(.|x, y_<t) sees the problem x;
-the teacher q_t = pi_theta(.|c, x, y_<t) also sees a privileged context c (the answer). Rollouts
+the teacher q_t = pi_theta(.|c, x, y_<t) also sees a privileged context c (the answer, or with
+--context a hint, a partial, noisy or irrelevant one, to probe how good c must be). Rollouts
 y ~ student. At RL step k = 1..T the loss, a token-mean over all response tokens of the batch, is
 
     L = L_out + beta(k) * L_OPD + alpha * L_ref
@@ -12,7 +13,8 @@ y ~ student. At RL step k = 1..T the loss, a token-mean over all response tokens
     L_ref  = 0.5 * (log pi_theta(y_t) - log pi_ref(y_t))^2           (urkl; ufkl, rkl, fkl too)
     beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay)
 
-Stage 1 (supervised warm start, standing in for pretraining) teaches both views; stage 2 is RL.
+Stage 1 (supervised warm start, standing in for pretraining) teaches both views, the teacher view
+with the same kind of c as in RL, at the same noise; stage 2 is RL.
 
 Two recipes (--recipe), because the paper and the authors' released script run different ones:
     paper    the gate [A_i > 0] on; beta warmed up over the first T/8 steps and decayed over the

@@ -1,18 +1,20 @@
 """
 How good must the privileged context be? The official GRPO, SDPG under the paper's recipe (the
-positive gate on) and under the released script's recipe (gate off) x seven contexts x seeds, in
-the default regime, from one warm start per context and seed; a markdown table and a figure.
+positive gate on) and under the released script's recipe (gate off), and the release recipe with
+beta 0 as a control, x seven contexts x seeds, in the default regime, from one warm start per
+context and seed; a markdown table and a figure.
 
-    python tools/contexts.py                      # the full grid: 3 arms x 7 contexts x 3 seeds
-    python tools/contexts.py --quick              # a subset: 3 arms x 4 contexts x seed 0
+    python tools/contexts.py                      # the full grid: 4 arms x 7 contexts x 3 seeds
+    python tools/contexts.py --quick              # a subset: 4 arms x 4 contexts x seed 0
     python tools/contexts.py --report             # table and figure again from results/contexts/
 
 The contexts (sdpg.py --context, data.context_text): the answer; the carries (a hint that is not
 the answer); the answer with half its digits hidden; the answer with one digit wrong at chance 0.1,
 0.3 and 0.6; another problem's answer. The warm start teaches the teacher view with the same kind
 of context at the same noise, so the teacher knows how far to trust it; the student view never
-sees any of it. GRPO never reads the context, but it starts RL from the same warm start, so the gap
-of an SDPG arm to GRPO on the same context and seed isolates what the distillation does.
+sees any of it. GRPO and the beta-0 control never read the context, but they start RL from the same
+warm start as the SDPG arms of that context and seed; the gap of the release recipe to itself with
+beta 0 isolates what the distillation term does, the gap to GRPO is the one the paper reports.
 
 Each run is study.py's: `python sdpg.py <context flags> <study COMMON flags> <arm flags> --seed S`,
 200 RL steps, greedy evaluations every 20. Full logs stay in out/contexts/<context>/<arm>_s<seed>/;
@@ -35,7 +37,9 @@ CONTEXTS = {  # name: (sdpg.py flags, None); in the order of the table
     "hint": (["--context", "hint"], None),
     "irrelevant": (["--context", "irrelevant"], None),
 }
-ARMS = {"grpo": "GRPO", "paper_urkl": "paper (gated)", "release": "release (ungated)"}  # study.py's arms
+ARMS = {"grpo": "GRPO", "paper_urkl": "paper (gated)", "release": "release (ungated)",  # study.py's arms
+        "release_beta0": "release, beta 0"}  # a control: the release recipe without the distillation term
+DEFAULT_ARMS = list(ARMS)
 QUICK = (["answer", "noise0.3", "hint", "irrelevant"], [0])  # contexts and seeds of --quick
 EARLY = 40  # the early evaluation: 20% of the 200 RL steps
 
@@ -60,6 +64,10 @@ def summarize(runs_by_ctx):
                 if arm != "grpo" and seed in grpo:
                     add("gap_early", study.acc_at(ev, EARLY) - study.acc_at(grpo[seed]["eval"], EARLY))
                     add("gap_final", ev[-1]["eval_acc"] - grpo[seed]["eval"][-1]["eval_acc"])
+                beta0 = runs.get("release_beta0", {})
+                if arm == "release" and seed in beta0:  # what distillation adds to the same recipe
+                    add("gap_beta0_early", study.acc_at(ev, EARLY) - study.acc_at(beta0[seed]["eval"], EARLY))
+                    add("gap_beta0_final", ev[-1]["eval_acc"] - beta0[seed]["eval"][-1]["eval_acc"])
                 if "kl_teacher" in rl[0]:
                     kl = sum(x["kl_teacher"] for x in rl)
                     add("kl", kl / len(rl))
@@ -73,15 +81,17 @@ def table(summary, n_seeds):
     fmt = lambda xs, d=3: "{:+.{d}f} ± {:.{d}f}".format(*study.mean_std(xs), d=d) if xs else "-"
     plain = lambda xs, d=3: "{:.{d}f} ± {:.{d}f}".format(*study.mean_std(xs), d=d) if xs else "-"
     lines = ["| context | arm | teacher acc at RL start | final acc | gap vs GRPO, step 40 | final gap vs GRPO | "
-             "teacher acc at end | KL per token | KL share on the first wrong token | KL on A>0 / all |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "gap vs release beta 0, step 40 / final | teacher acc at end | KL per token | "
+             "KL share on the first wrong token | KL on A>0 / all |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for ctx, arms in summary.items():
         for arm, name in ARMS.items():
             if arm not in arms:
                 continue
             r = arms[arm]
             lines.append(f"| {ctx} | {name} | {plain(r['teacher_start'])} | {plain(r['final'])} | "
-                         f"{fmt(r.get('gap_early', []))} | {fmt(r.get('gap_final', []))} | {plain(r['teacher_end'])} | "
+                         f"{fmt(r.get('gap_early', []))} | {fmt(r.get('gap_final', []))} | "
+                         f"{fmt(r.get('gap_beta0_early', []))} / {fmt(r.get('gap_beta0_final', []))} | {plain(r['teacher_end'])} | "
                          f"{plain(r.get('kl', []))} | {plain(r.get('wrong_share', []), 2)} | "
                          f"{plain(r.get('pos_ratio', []), 2)} |")
     return "\n".join(lines) + (f"\n\nmean ± std over {n_seeds} seed(s); gaps paired on the seed (same warm start); "
@@ -90,33 +100,37 @@ def table(summary, n_seeds):
 
 
 def figure(summary, runs_by_ctx, out):
-    """Left: the final gap to GRPO against the teacher view's accuracy at the start of RL (the
-    context's quality as the model reads it), one point per context and arm, bars min to max over
-    seeds. Middle: the same at step 40. Right: the teacher view's accuracy over RL per context under
+    """Left: the final gap of each SDPG arm to GRPO, and of the release recipe to itself
+    with beta 0, against the teacher view's accuracy at the start of RL (the context's quality as
+    the model reads it), one point per context, bars min to max over seeds. Middle: the same at
+    step 40. Right: the teacher view's accuracy over RL per context under
     the release recipe (solid) and the paper recipe (dashed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    markers = {"paper_urkl": "o", "release": "s"}
-    for ax, key, title in ((axes[0], "gap_final", "final gap to GRPO (step 200)"),
-                           (axes[1], "gap_early", f"gap to GRPO at step {EARLY}")):
-        for arm, marker in markers.items():
+    series = {"paper (gated) - GRPO": ("paper_urkl", "", "o"), "release (ungated) - GRPO": ("release", "", "s"),
+              "release - release beta 0": ("release", "beta0_", "^")}
+    for ax, key, title in ((axes[0], "gap_final", "final gap (step 200)"),
+                           (axes[1], "gap_early", f"gap at step {EARLY}")):
+        for label, (arm, prefix, marker) in series.items():
+            k = key.replace("gap_", "gap_" + prefix)
             xs, ys, lo, hi, names = [], [], [], [], []
             for ctx, arms in summary.items():
-                if arm in arms and arms[arm].get(key):
-                    v = arms[arm][key]
+                if arm in arms and arms[arm].get(k):
+                    v = arms[arm][k]
                     xs.append(sum(arms[arm]["teacher_start"]) / len(arms[arm]["teacher_start"]))
                     ys.append(sum(v) / len(v))
                     lo.append(ys[-1] - min(v))
                     hi.append(max(v) - ys[-1])
                     names.append(ctx)
-            ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, capsize=3, label=ARMS[arm])
+            if xs:
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, capsize=3, label=label)
             for x, y, n in zip(xs, ys, names):
                 ax.annotate(n, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xlabel("teacher-view accuracy at the start of RL (held-out, greedy)")
-        ax.set_ylabel("student accuracy minus GRPO's, same seed")
+        ax.set_ylabel("student accuracy minus the reference arm's, same seed")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -162,6 +176,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="SDPG under privileged contexts of every quality, against GRPO")
     parser.add_argument("--contexts", nargs="+", default=list(CONTEXTS), choices=list(CONTEXTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS), help="the gaps need grpo "
+                        "(and release_beta0 for release's gap to itself without distillation)")
     parser.add_argument("--quick", action="store_true", help=f"contexts {' '.join(QUICK[0])}, seed 0 "
                         "(about 30 minutes on 2 CPU cores); its table and figure go to results/contexts_quick/")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
@@ -178,9 +194,9 @@ if __name__ == "__main__":
         if args.jobs < 1:
             sys.exit("contexts.py: error: --jobs must be >= 1")
         t0 = time.time()
-        study.run_all(args.contexts, args.seeds, list(ARMS), args.jobs, args.out_dir, extra, CONTEXTS)
+        study.run_all(args.contexts, args.seeds, args.arms, args.jobs, args.out_dir, extra, CONTEXTS)
         for ctx in args.contexts:
             study.collect(ctx, args.out_dir, args.results)
-        print(f"contexts: {len(args.contexts)} contexts x {len(ARMS)} arms x {len(args.seeds)} seeds "
+        print(f"contexts: {len(args.contexts)} contexts x {len(args.arms)} arms x {len(args.seeds)} seeds "
               f"in {(time.time() - t0) / 60:.1f} min")
     report(args.contexts, args.results)
