@@ -1037,7 +1037,7 @@ def test_a_task_of_your_own_trains_end_to_end(tmp_path, monkeypatch):
     """The README's recipe for a new task: an object with the six members, put where AdditionTask is
     built. sdpg.py runs both stages on it, and its prompts reach the model as the task wrote them."""
     seen = spy_on_generate(monkeypatch)
-    monkeypatch.setattr(data, "AdditionTask", lambda digits, eval_size: ReverseTask(eval_size))
+    monkeypatch.setattr(data, "AdditionTask", lambda digits, eval_size, context, noise: ReverseTask(eval_size))
     out = tmp_path / "run"
     run_in_process(monkeypatch, TINY + ["--out_dir", str(out), "--sft_until", "0"])
     log = read_log(str(out))
@@ -1095,7 +1095,7 @@ def test_teacher_signal_table_matches_full_forwards():
     model = tiny_gpt(torch.float64)
     student, teacher, targets = encode([7], [96], 2)
     y = torch.tensor(targets[0])
-    rows = teacher_signal.signal_table(model, ENC, 7, 96, 2, y)
+    rows = teacher_signal.signal_table(model, ENC, data.AdditionTask(2, eval_size=1), 7, 96, y)
     zs = response_logits(model, torch.tensor(student), y[None])[0]  # (Tr, V)
     zt = response_logits(model, torch.tensor(teacher), y[None])[0]
     assert [r[0] for r in rows] == ["3", "0", "1", "<eot>"]
