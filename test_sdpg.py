@@ -1135,6 +1135,37 @@ def test_study_table_against_hand_computed_seed_statistics(tmp_path):
                           "0.000 ± 0.000", f"0.050 ± {math.sqrt(0.045):.3f}"]
 
 
+def test_contexts_summary_against_hand_computed_gaps_and_shares():
+    """tools/contexts.py on made-up runs of one context, two seeds: the gaps are paired on the seed at
+    step 40 and at the end; the KL share on the first wrong token is weighted by each step's KL; the
+    A>0 ratio is the mean over steps with A>0 tokens of their KL per token, over the mean KL per token."""
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    import contexts
+
+    def run(accs, teacher=0.8, rl=()):
+        ev = [{"step": st, "eval_acc": a, "teacher_acc": teacher} for st, a in zip((0, 40, 200), accs)]
+        return {"config": {}, "eval": ev, "rl": list(rl) or [{"entropy": 0.5}]}
+    sig = [{"kl_teacher": 1.0, "wrong_kl_share": 0.5, "kl_teacher_pos": 0.4, "tokens_pos": 0.2},
+           {"kl_teacher": 3.0, "wrong_kl_share": 0.1, "kl_teacher_pos": 0.0, "tokens_pos": 0.0}]
+    runs = {"noise0.3": {"grpo": {0: run([0.2, 0.3, 0.5]), 1: run([0.3, 0.4, 0.6])},
+                         "release": {0: run([0.2, 0.35, 0.55], rl=sig), 1: run([0.3, 0.38, 0.7], rl=sig)},
+                         "release_beta0": {1: run([0.3, 0.4, 0.65])}}}
+    c = contexts.summarize(runs)["noise0.3"]
+    assert c["gaps"][("release", "grpo")]["early"] == pytest.approx([0.05, -0.02])
+    assert c["gaps"][("release", "grpo")]["final"] == pytest.approx([0.05, 0.1])
+    assert c["gaps"][("release", "release_beta0")]["final"] == pytest.approx([0.05])  # seed 1 only
+    assert ("paper_urkl", "grpo") not in c["gaps"]
+    r = c["arms"]["release"]
+    assert r["kl"] == pytest.approx([2.0, 2.0])  # (1 + 3) / 2 steps
+    assert r["wrong_share"] == pytest.approx([(0.5 * 1 + 0.1 * 3) / 4] * 2)
+    assert r["pos_ratio"] == pytest.approx([0.4 / 2.0] * 2)  # only the first step had A>0 tokens
+    md = contexts.tables(contexts.summarize(runs), 2)
+    # gaps to GRPO: early 0.05, -0.02 (mean 0.015, std 0.049), final 0.05, 0.1; to beta 0: -0.02, 0.05
+    assert ("| noise0.3 | 0.800 ± 0.000 | 0.550 ± 0.071 | +0.015 ± 0.049 / +0.075 ± 0.035 | "
+            "-0.020 ± 0.000 / +0.050 ± 0.000 |") in md
+    assert "release - release beta 0" in md and "paper - GRPO" not in md
+
+
 # -----------------------------------------------------------------------------
 # mixed precision and compile (model.py)
 

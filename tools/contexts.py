@@ -44,59 +44,68 @@ QUICK = (["answer", "noise0.3", "hint", "irrelevant"], [0])  # contexts and seed
 EARLY = 40  # the early evaluation: 20% of the 200 RL steps
 
 
+GAPS = {  # (arm, reference arm): the paired gaps reported, each on the same context and seed
+    ("paper_urkl", "grpo"): "paper - GRPO", ("release", "grpo"): "release - GRPO",
+    ("paper_urkl", "release"): "paper - release (the gate)", ("release", "release_beta0"): "release - release beta 0"}
+
+
 def summarize(runs_by_ctx):
-    """Per context and arm, over the seeds: the teacher view's accuracy at the start and the end of
-    RL, the student's final accuracy, its gap to GRPO on the same seed at step EARLY and at the end,
-    and the distillation signal over all steps: the KL per token, its share on the token where wrong
-    rollouts first go wrong, and the KL per token of the rollouts the gate keeps (A > 0) over the
-    KL of all rollouts. {context: {arm: {field: [one value per seed]}}}."""
+    """Per context, over the seeds (one value per seed in each list):
+    arms[arm]: the teacher view's accuracy at the start and the end of RL, the student's final
+    accuracy, and for the SDPG arms the distillation signal over all steps: the KL per token, its
+    share on the token where wrong rollouts first go wrong, and the KL per token of the rollouts
+    the gate keeps (A > 0) over the KL per token of all rollouts;
+    gaps[(arm, ref)]: the student's accuracy minus ref's on the same seed, at step EARLY and at the end."""
     out = {}
     for ctx, runs in runs_by_ctx.items():
-        grpo = runs.get("grpo", {})
+        arms, gaps = {}, {}
         for arm, seeds in runs.items():
-            row = out.setdefault(ctx, {}).setdefault(arm, {})
-            for seed, r in sorted(seeds.items()):
+            row = arms.setdefault(arm, {})
+            for r in seeds.values():
                 ev, rl = r["eval"], r["rl"]
-                add = lambda k, v: row.setdefault(k, []).append(v)
-                add("teacher_start", ev[0]["teacher_acc"])
-                add("teacher_end", ev[-1]["teacher_acc"])
-                add("final", ev[-1]["eval_acc"])
-                if arm != "grpo" and seed in grpo:
-                    add("gap_early", study.acc_at(ev, EARLY) - study.acc_at(grpo[seed]["eval"], EARLY))
-                    add("gap_final", ev[-1]["eval_acc"] - grpo[seed]["eval"][-1]["eval_acc"])
-                beta0 = runs.get("release_beta0", {})
-                if arm == "release" and seed in beta0:  # what distillation adds to the same recipe
-                    add("gap_beta0_early", study.acc_at(ev, EARLY) - study.acc_at(beta0[seed]["eval"], EARLY))
-                    add("gap_beta0_final", ev[-1]["eval_acc"] - beta0[seed]["eval"][-1]["eval_acc"])
+                for k, v in (("teacher_start", ev[0]["teacher_acc"]), ("teacher_end", ev[-1]["teacher_acc"]),
+                             ("final", ev[-1]["eval_acc"])):
+                    row.setdefault(k, []).append(v)
                 if "kl_teacher" in rl[0]:
                     kl = sum(x["kl_teacher"] for x in rl)
-                    add("kl", kl / len(rl))
-                    add("wrong_share", sum(x["wrong_kl_share"] * x["kl_teacher"] for x in rl) / kl)
-                    pos = [x for x in rl if x["tokens_pos"] > 0]
-                    add("pos_ratio", sum(x["kl_teacher_pos"] for x in pos) / len(pos) / (kl / len(rl)))
+                    pos = [x["kl_teacher_pos"] for x in rl if x["tokens_pos"] > 0]
+                    for k, v in (("kl", kl / len(rl)), ("wrong_share", sum(x["wrong_kl_share"] * x["kl_teacher"] for x in rl) / kl),
+                                 ("pos_ratio", sum(pos) / len(pos) / (kl / len(rl)))):
+                        row.setdefault(k, []).append(v)
+        for (arm, ref) in GAPS:
+            paired = sorted(set(runs.get(arm, {})) & set(runs.get(ref, {})))
+            if paired:
+                a, b = runs[arm], runs[ref]
+                gaps[(arm, ref)] = {
+                    "early": [study.acc_at(a[k]["eval"], EARLY) - study.acc_at(b[k]["eval"], EARLY) for k in paired],
+                    "final": [a[k]["eval"][-1]["eval_acc"] - b[k]["eval"][-1]["eval_acc"] for k in paired]}
+        out[ctx] = {"arms": arms, "gaps": gaps}
     return out
 
 
-def table(summary, n_seeds):
-    fmt = lambda xs, d=3: "{:+.{d}f} ± {:.{d}f}".format(*study.mean_std(xs), d=d) if xs else "-"
-    plain = lambda xs, d=3: "{:.{d}f} ± {:.{d}f}".format(*study.mean_std(xs), d=d) if xs else "-"
-    lines = ["| context | arm | teacher acc at RL start | final acc | gap vs GRPO, step 40 | final gap vs GRPO | "
-             "gap vs release beta 0, step 40 / final | teacher acc at end | KL per token | "
-             "KL share on the first wrong token | KL on A>0 / all |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for ctx, arms in summary.items():
-        for arm, name in ARMS.items():
-            if arm not in arms:
-                continue
-            r = arms[arm]
-            lines.append(f"| {ctx} | {name} | {plain(r['teacher_start'])} | {plain(r['final'])} | "
-                         f"{fmt(r.get('gap_early', []))} | {fmt(r.get('gap_final', []))} | "
-                         f"{fmt(r.get('gap_beta0_early', []))} / {fmt(r.get('gap_beta0_final', []))} | {plain(r['teacher_end'])} | "
-                         f"{plain(r.get('kl', []))} | {plain(r.get('wrong_share', []), 2)} | "
-                         f"{plain(r.get('pos_ratio', []), 2)} |")
-    return "\n".join(lines) + (f"\n\nmean ± std over {n_seeds} seed(s); gaps paired on the seed (same warm start); "
-                               "held-out greedy accuracy on 1000 problems, 200 RL steps. The KL columns average "
-                               "all 200 steps (the share weighted by each step's KL).\n")
+def tables(summary, n_seeds):
+    """Markdown: the paired gaps per context, then the teacher view and the distillation signal."""
+    gap = lambda xs: "{:+.3f} ± {:.3f}".format(*study.mean_std(xs)) if xs else "-"
+    val = lambda xs, d=3: "{:.{d}f} ± {:.{d}f}".format(*study.mean_std(xs), d=d) if xs else "-"
+    present = [g for g in GAPS if any(g in c["gaps"] for c in summary.values())]
+    lines = ["| context | teacher acc at RL start | GRPO final acc | " + " | ".join(
+        f"{GAPS[g]}, step {EARLY} / final" for g in present) + " |", "|---|---|---|" + "---|" * len(present)]
+    for ctx, c in summary.items():
+        any_arm = c["arms"].get("release") or next(iter(c["arms"].values()))
+        lines.append(f"| {ctx} | {val(any_arm['teacher_start'])} | {val(c['arms'].get('grpo', {}).get('final', []))} | "
+                     + " | ".join(f"{gap(c['gaps'].get(g, {}).get('early', []))} / {gap(c['gaps'].get(g, {}).get('final', []))}"
+                                  for g in present) + " |")
+    lines += ["", "| context | arm | student final acc | teacher acc at RL start | teacher acc at end | KL per token | "
+              "KL share on the first wrong token | KL per token, A>0 rollouts / all |", "|---|---|---|---|---|---|---|---|"]
+    for ctx, c in summary.items():
+        for arm in ("paper_urkl", "release"):
+            if arm in c["arms"]:
+                r = c["arms"][arm]
+                lines.append(f"| {ctx} | {ARMS[arm]} | {val(r['final'])} | {val(r['teacher_start'])} | {val(r['teacher_end'])} | "
+                             f"{val(r.get('kl', []))} | {val(r.get('wrong_share', []), 2)} | {val(r.get('pos_ratio', []), 2)} |")
+    return "\n".join(lines) + (f"\n\nmean ± std over {n_seeds} seed(s); each gap is paired on the seed (the same warm "
+                               "start); held-out greedy accuracy on 1000 problems, 200 RL steps. The KL columns "
+                               "average all 200 steps (the share weighted by each step's KL).\n")
 
 
 def figure(summary, runs_by_ctx, out):
@@ -109,25 +118,23 @@ def figure(summary, runs_by_ctx, out):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
-    series = {"paper (gated) - GRPO": ("paper_urkl", "", "o"), "release (ungated) - GRPO": ("release", "", "s"),
-              "release - release beta 0": ("release", "beta0_", "^")}
-    for ax, key, title in ((axes[0], "gap_final", "final gap (step 200)"),
-                           (axes[1], "gap_early", f"gap at step {EARLY}")):
-        for label, (arm, prefix, marker) in series.items():
-            k = key.replace("gap_", "gap_" + prefix)
+    markers = {("paper_urkl", "grpo"): "o", ("release", "grpo"): "s", ("release", "release_beta0"): "^"}
+    for ax, key, title in ((axes[0], "final", "final gap (step 200)"), (axes[1], "early", f"gap at step {EARLY}")):
+        for g, marker in markers.items():
             xs, ys, lo, hi, names = [], [], [], [], []
-            for ctx, arms in summary.items():
-                if arm in arms and arms[arm].get(k):
-                    v = arms[arm][k]
-                    xs.append(sum(arms[arm]["teacher_start"]) / len(arms[arm]["teacher_start"]))
+            for ctx, c in summary.items():
+                if g in c["gaps"]:
+                    v = c["gaps"][g][key]
+                    t = [x for arm in c["arms"].values() for x in arm["teacher_start"]]  # the warm starts'
+                    xs.append(sum(t) / len(t) + 0.006 * (list(markers).index(g) - 1))  # side by side
                     ys.append(sum(v) / len(v))
                     lo.append(ys[-1] - min(v))
                     hi.append(max(v) - ys[-1])
                     names.append(ctx)
             if xs:
-                ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, capsize=3, label=label)
-            for x, y, n in zip(xs, ys, names):
-                ax.annotate(n, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, capsize=3, label=GAPS[g])
+                for x, y, n in zip(xs, ys, names):
+                    ax.annotate(n, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xlabel("teacher-view accuracy at the start of RL (held-out, greedy)")
         ax.set_ylabel("student accuracy minus the reference arm's, same seed")
@@ -156,13 +163,14 @@ def report(contexts, results):
     runs_by_ctx = {}
     for ctx in contexts:
         path = os.path.join(results, f"{ctx}.jsonl")
-        if os.path.exists(path):
-            runs_by_ctx[ctx] = study.load(path)
+        runs = study.load(path) if os.path.exists(path) else {}
+        if runs:
+            runs_by_ctx[ctx] = runs
     if not runs_by_ctx:
         sys.exit(f"contexts.py: error: no collected runs in {results}; run the grid first")
     summary = summarize(runs_by_ctx)
     n_seeds = max(len(s) for runs in runs_by_ctx.values() for s in runs.values())
-    md = "### The privileged context: SDPG against GRPO, default regime\n\n" + table(summary, n_seeds)
+    md = "### The privileged context: SDPG against GRPO, default regime\n\n" + tables(summary, n_seeds)
     with open(os.path.join(results, "contexts.md"), "w") as f:
         f.write(md)
     print(md)
