@@ -133,8 +133,9 @@ def figure(summary, runs_by_ctx, out):
                     names.append(ctx)
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, capsize=3, label=GAPS[g])
-                for x, y, n in zip(xs, ys, names):
-                    ax.annotate(n, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                if marker == "^":  # one label per context, under its lowest series
+                    for x, y, n in zip(xs, ys, names):
+                        ax.annotate(n, (x, y), fontsize=8, xytext=(4, -12), textcoords="offset points")
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_xlabel("teacher-view accuracy at the start of RL (held-out, greedy)")
         ax.set_ylabel("student accuracy minus the reference arm's, same seed")
