@@ -183,7 +183,7 @@ def context_text(kind, a, b, digits=NUM_DIGITS, rng=None, noise=0.0):
         hint        the carries (carry_text), a solution step that is not the answer: '011'
         partial     the answer with half its digits, rounded down, hidden at random as '?': '3?1'
         noisy       the answer, but with chance `noise` one digit at random is another digit: '391'
-        irrelevant  the answer of another problem drawn at random (never this one's): '862'
+        irrelevant  the answer of another problem drawn at random (never this one's): '850'
     rng (a numpy Generator) draws the chance of partial, noisy and irrelevant."""
     y = answer_text(a, b, digits)
     if kind == "answer":

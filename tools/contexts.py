@@ -4,8 +4,8 @@ positive gate on) and under the released script's recipe (gate off), and the rel
 beta 0 as a control, x seven contexts x seeds, in the default regime, from one warm start per
 context and seed; a markdown table and a figure.
 
-    python tools/contexts.py                      # the full grid: 4 arms x 7 contexts x 3 seeds
-    python tools/contexts.py --quick              # a subset: 4 arms x 4 contexts x seed 0
+    python tools/contexts.py                      # the full grid: 4 arms x 7 contexts x 3 seeds (111 min)
+    python tools/contexts.py --quick              # a subset: 4 arms x 4 contexts x seed 0 (22 min, 2 cores)
     python tools/contexts.py --report             # table and figure again from results/contexts/
 
 The contexts (sdpg.py --context, data.context_text): the answer; the carries (a hint that is not
@@ -188,7 +188,7 @@ if __name__ == "__main__":
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS), help="the gaps need grpo "
                         "(and release_beta0 for release's gap to itself without distillation)")
     parser.add_argument("--quick", action="store_true", help=f"contexts {' '.join(QUICK[0])}, seed 0 "
-                        "(about 30 minutes on 2 CPU cores); its table and figure go to results/contexts_quick/")
+                        "(22 minutes on 2 CPU cores); its table and figure go to results/contexts_quick/")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     parser.add_argument("--out_dir", default=os.path.join("out", "contexts"), help="the runs' own directories")
     parser.add_argument("--results", default=None, help="collected logs, table, figure "
