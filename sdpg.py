@@ -203,9 +203,9 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
         if args.opd_exclude_eot:  # (core_algos.py:213-229, 299-300)
             kl_used = kl_used * ~mb["is_eot"]
         positive = args.algo == "sdpg" and args.opd_gate == "positive"  # opd has no advantage to gate on
-        gate = (adv > 0).float() if positive else torch.ones_like(adv)
+        pos = (adv > 0).float().expand_as(kl)  # the rollouts the positive gate keeps
+        gate = pos if positive else torch.ones_like(pos)
         per_token["opd"] = beta * gate * kl_used
-        pos = (adv > 0).expand_as(kl).float()  # the rollouts the positive gate keeps
         sums = {"loss_opd": gate * kl_used, "kl_teacher": kl, "kl_teacher_eot": kl * mb["is_eot"],
                 "kl_teacher_wrong": kl * mb["first_wrong"], "kl_teacher_pos": kl * pos, "tokens_pos": pos}
     # token-mean over the global mini-batch: sum over this rank's response tokens, divided by the
