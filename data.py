@@ -12,9 +12,7 @@ Worked example with --digits 3, a = 7, b = 596 (sum 603):
     privileged      c = <|hint|>3060<|hint|>        6 tokens: the correct answer, marked
     teacher prompt      c + x                       14 tokens
 
-That c is --context answer, the default. The other kinds (context_text) put in its place the
-carries (a hint that is not the answer), the answer with digits hidden, a noisy answer, or another
-problem's answer, each d + 1 characters, to measure how good the context must be.
+Other contexts (the carries, a partial, noisy or unrelated answer) are a study's: tools/extras.py.
 
 With the default d = 2, 7 + 96 gives x = "07+96=", y = "301" <|endoftext|>, c = <|hint|>301<|hint|>.
 The student view sees x and never c; the teacher view sees c + x. Both views read the
@@ -92,9 +90,6 @@ def decode_response(enc, tokens):
 # -----------------------------------------------------------------------------
 # the task interface: what sdpg.py asks of a task
 
-CONTEXTS = ("answer", "hint", "partial", "noisy", "irrelevant")  # the kinds of c, --context
-
-
 class AdditionTask:
     """d-digit addition, the task sdpg.py trains on. A task of your own needs the same members:
 
@@ -109,24 +104,22 @@ class AdditionTask:
     encode_batch() below turns problems into tokens, one per character; every prompt of a batch
     must have the same length (the model has no padding mask), which fixed-width operands give here.
 
-    context: what c holds (context_text); noise: with "noisy", the chance that one digit is wrong.
+    A repr that names the task's settings lets the warm-start cache tell tasks apart.
     """
 
-    def __init__(self, digits=NUM_DIGITS, eval_size=1000, context="answer", noise=0.0):
+    def __init__(self, digits=NUM_DIGITS, eval_size=1000):
         if not 1 <= digits <= 6:
             raise ValueError(f"--digits must be in [1, 6] (got {digits})")
         if not 1 <= eval_size <= min(100_000, 10 ** (2 * digits) // 2):
             raise ValueError(f"--eval_size must be in [1, {min(100_000, 10 ** (2 * digits) // 2)}]: at least "
                              f"half of the {10 ** (2 * digits)} problems stay for training")
-        if context not in CONTEXTS:
-            raise ValueError(f"--context must be one of {', '.join(CONTEXTS)} (got {context!r})")
-        if not 0.0 <= noise <= 1.0 or (noise > 0 and context != "noisy"):
-            raise ValueError(f"--context_noise must be in [0, 1], and is read only with --context noisy "
-                             f"(got {noise} with --context {context})")
-        self.digits, self.context_kind, self.noise = digits, context, noise
+        self.digits = digits
         a, b = eval_problems(eval_size, digits)
         self.eval_set = list(zip(a.tolist(), b.tolist()))
         self.held_out = np.sort(a * 10 ** digits + b)  # keys a * 10**d + b, never sampled for training
+
+    def __repr__(self):  # names the settings: it keys the warm-start cache (sdpg.sft_key)
+        return f"AdditionTask(digits={self.digits}, eval_size={len(self.eval_set)})"
 
     def sample(self, rng, n):
         a, b = sample_problems(rng, n, self.held_out, self.digits)
@@ -136,13 +129,36 @@ class AdditionTask:
         return prompt_text(*p, self.digits)
 
     def context(self, p, rng):
-        return context_text(self.context_kind, *p, self.digits, rng, self.noise)
+        return answer_text(*p, self.digits)  # the answer itself; rng is unused
 
     def answer(self, p):
         return answer_text(*p, self.digits)
 
     def reward(self, text, p):
         return reward(text, self.answer(p))
+
+
+def verify(enc, task, resp, problems, group_size=1):
+    """The verifier's reward of each response row (token ids, a tensor or lists); rows
+    b*G .. b*G+G-1 answer problems[b]."""
+    texts = [decode_response(enc, r) for r in resp.tolist()]
+    return [task.reward(t, problems[i // group_size]) for i, t in enumerate(texts)]
+
+
+def sft_batch(enc, task, rng, n, hint_frac):
+    """A warm-start batch of n problems, a fraction hint_frac shown with c: token lists of inputs
+    and of targets, both of one length L, targets -1 except on the response; plain rows are padded
+    on the right to the hinted length (causal attention never lets padding reach the response)."""
+    student, teacher, targets = encode_batch(enc, task, task.sample(rng, n), rng)
+    hinted = rng.random(n) < hint_frac
+    L = len(teacher[0]) + len(targets[0]) - 1
+    inputs, labels = [], []
+    for i in range(n):
+        prompt = teacher[i] if hinted[i] else student[i]
+        seq, lab = prompt + targets[i][:-1], [-1] * (len(prompt) - 1) + targets[i]
+        inputs.append(seq + [enc.eot_token] * (L - len(seq)))
+        labels.append(lab + [-1] * (L - len(lab)))
+    return inputs, labels
 
 
 def encode_batch(enc, task, problems, rng):
@@ -168,43 +184,6 @@ EVAL_SEED = 1234            # the held-out set is the same for every run and eve
 def answer_text(a, b, digits=NUM_DIGITS):
     """The sum zero-padded to digits + 1 digits, reversed: 7 + 596 -> '3060' (digits = 3)."""
     return str(a + b).zfill(digits + 1)[::-1]
-
-
-def carry_text(a, b, digits=NUM_DIGITS):
-    """The carry into each digit of the sum, in the answer's order: 7 + 96 -> '011' (digits = 2;
-    answer '301'). The first is always 0 and the last is the answer's last digit; with the carries
-    given, each other digit is (a_i + b_i + carry_i) mod 10, one column at a time."""
-    return "".join(str(int(a % 10 ** i + b % 10 ** i >= 10 ** i)) for i in range(digits + 1))
-
-
-def context_text(kind, a, b, digits=NUM_DIGITS, rng=None, noise=0.0):
-    """The privileged context c of problem (a, b), digits + 1 characters whatever the kind:
-        answer      the answer itself: '301' for 7 + 96
-        hint        the carries (carry_text), a solution step that is not the answer: '011'
-        partial     the answer with half its digits, rounded down, hidden at random as '?': '3?1'
-        noisy       the answer, but with chance `noise` one digit at random is another digit: '391'
-        irrelevant  the answer of another problem drawn at random (never this one's): '850'
-    rng (a numpy Generator) draws the chance of partial, noisy and irrelevant."""
-    y = answer_text(a, b, digits)
-    if kind == "answer":
-        return y
-    if kind == "hint":
-        return carry_text(a, b, digits)
-    if kind == "partial":
-        hide = rng.choice(digits + 1, size=(digits + 1) // 2, replace=False)
-        return "".join("?" if i in hide else ch for i, ch in enumerate(y))
-    if kind == "noisy":
-        if rng.random() >= noise:
-            return y
-        i = int(rng.integers(digits + 1))
-        wrong = (int(y[i]) + int(rng.integers(1, 10))) % 10  # any digit but the right one
-        return y[:i] + str(wrong) + y[i + 1:]
-    if kind == "irrelevant":
-        while True:
-            other = answer_text(*(int(v) for v in rng.integers(0, 10 ** digits, 2)), digits)
-            if other != y:
-                return other
-    raise ValueError(f"unknown context kind {kind!r}")
 
 
 def prompt_text(a, b, digits=NUM_DIGITS):

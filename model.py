@@ -144,6 +144,14 @@ class GPT(nn.Module):
             h = torch.cat([h, self.hidden(resp[:, :-1], caches)], 1)
         return h
 
+    @torch.no_grad()
+    def token_logprobs(self, prompts, resp, num_samples=1, temperature=1.0):
+        """log pi(resp_t | prompt, resp_<t) of every response token (B*G, Tr), prompts (B, Tp)
+        each shared by G consecutive rows of resp (score, then the head in chunks)."""
+        h = self.score(prompts, resp, num_samples)  # (B*G, Tr, C)
+        return chunked_token_logprobs(h.flatten(0, 1), self.lm_head_weight, resp.flatten(),
+                                      temperature).view(resp.shape)
+
     def _head_fp32(self, h):
         """Logits h @ W.T (n, V) in fp32 at least, autocast off: the same logits the loss and pi_old
         score through _log_softmax, so rollouts are sampled from the distribution that is scored.
@@ -222,7 +230,7 @@ def _log_softmax(hidden, weight, temperature):
 
 
 class FusedReverseKL(torch.autograd.Function):
-    """KL(p || SG q) per row, p = softmax(hs @ W.T / T), q = softmax(ht @ W.T / T), chunk by chunk.
+    """KL(p || SG q) per row, p = softmax(hs @ W.T / T), q = softmax(ht @ Wt.T / T), chunk by chunk.
     Backward recomputes each chunk and applies the closed form dKL/dz = p (log p - log q - KL)
     (z the student's scaled logits), so at most one (chunk, V) block is alive at a time."""
 
@@ -232,20 +240,20 @@ class FusedReverseKL(torch.autograd.Function):
     # a backward called inside the autocast region (autograd.grad in diagnostics) ran its matmuls in bf16.
 
     @staticmethod
-    def forward(ctx, hs, ht, weight, temperature, chunk_size):
+    def forward(ctx, hs, ht, weight, teacher_weight, temperature, chunk_size):
         with torch.autocast(hs.device.type, enabled=False):
-            return FusedReverseKL._forward(ctx, hs, ht, weight, temperature, chunk_size)
+            return FusedReverseKL._forward(ctx, hs, ht, weight, teacher_weight, temperature, chunk_size)
 
     @staticmethod
-    def _forward(ctx, hs, ht, weight, temperature, chunk_size):
+    def _forward(ctx, hs, ht, weight, teacher_weight, temperature, chunk_size):
         kl = torch.empty(hs.size(0), dtype=torch.promote_types(hs.dtype, torch.float32), device=hs.device)
         for i in range(0, hs.size(0), chunk_size):
             logp = _log_softmax(hs[i:i + chunk_size], weight, temperature)
-            logq = _log_softmax(ht[i:i + chunk_size], weight, temperature)
+            logq = _log_softmax(ht[i:i + chunk_size], teacher_weight, temperature)
             kl[i:i + chunk_size] = (logp.exp() * (logp - logq)).sum(-1)
         # a single chunk keeps dKL/dz for backward (it is the one block anyway); several recompute it
         ctx.dkl_dz = logp.exp() * (logp - logq - kl[:, None]) if hs.size(0) <= chunk_size else None
-        ctx.save_for_backward(hs, ht, weight, kl)
+        ctx.save_for_backward(hs, ht, weight, teacher_weight, kl)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return kl
 
@@ -256,7 +264,7 @@ class FusedReverseKL(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_kl):
-        hs, ht, weight, kl = ctx.saved_tensors
+        hs, ht, weight, teacher_weight, kl = ctx.saved_tensors
         T, C = ctx.temperature, ctx.chunk_size
         grad_hs = torch.zeros_like(hs)
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
@@ -265,21 +273,26 @@ class FusedReverseKL(torch.autograd.Function):
                 dkl_dz = ctx.dkl_dz
             else:
                 logp = _log_softmax(hs[i:i + C], weight, T)
-                logq = _log_softmax(ht[i:i + C], weight, T)
+                logq = _log_softmax(ht[i:i + C], teacher_weight, T)
                 dkl_dz = logp.exp() * (logp - logq - kl[i:i + C, None])  # the closed form p (log p - log q - KL)
             g = grad_kl[i:i + C, None] * dkl_dz / T  # (chunk, V); the 1/T from z = h W^T / T
             grad_hs[i:i + C] = (g @ weight.to(g.dtype)).to(hs.dtype)
             grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(grad_w.dtype)  # summed over chunks in fp32 at least
         ctx.dkl_dz = None
-        return grad_hs, None, grad_w.to(weight.dtype), None, None  # no gradient to the teacher
+        return grad_hs, None, grad_w.to(weight.dtype), None, None, None  # none to the teacher
 
 
-def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, chunk_size=0):
-    """Per-token KL( softmax(student_hidden @ weight.T / T) || SG softmax(teacher_hidden @ weight.T / T) ),
-    (N, H), (N, H), (V, H) -> (N,), never materialising an (N, V) tensor. Gradients reach
-    student_hidden and weight through the student side only. Equals full_vocab_reverse_kl on the logits."""
+def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, chunk_size=0,
+                     teacher_weight=None):
+    """Per-token KL( softmax(student_hidden @ weight.T / T) || SG softmax(teacher_hidden @ W_t.T / T) ),
+    (N, H), (N, H), (V, H) -> (N,), never materialising an (N, V) tensor. W_t is teacher_weight,
+    the teacher's own output matrix (a frozen teacher's differs), or weight when None. Gradients
+    reach student_hidden and weight through the student side only. Equals full_vocab_reverse_kl
+    on the two views' logits."""
     chunk_size = chunk_rows(chunk_size, weight.size(0))
-    return FusedReverseKL.apply(student_hidden, teacher_hidden.detach(), weight, temperature, chunk_size)
+    teacher_weight = (weight if teacher_weight is None else teacher_weight).detach()
+    return FusedReverseKL.apply(student_hidden, teacher_hidden.detach(), weight, teacher_weight,
+                                temperature, chunk_size)
 
 
 def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=0):

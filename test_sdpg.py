@@ -4,6 +4,8 @@ reference: float64 brute force, exact enumeration, a hand-worked case or the pap
 
     python -m pytest -q test_sdpg.py
 """
+import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -18,11 +20,13 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 import data
-import plumbing
 import sdpg
 from model import GPT, GPTConfig, response_logits
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "tools"))
+import extras  # noqa: E402  (tools/extras.py: the study-only contexts and diagnostics)
+
 ENC = data.get_encoding()
 
 
@@ -34,6 +38,20 @@ def encode(a, b, digits=data.NUM_DIGITS, enc=ENC):
 def tiny_gpt(dtype=torch.float32, seed=0, vocab_size=ENC.n_vocab):
     torch.manual_seed(seed)
     return GPT(GPTConfig(block_size=32, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32)).to(dtype)
+
+
+def parse(*flags):
+    """sdpg.py's config for these flags, with the recipe resolved."""
+    return sdpg.resolve(sdpg.parser.parse_args(list(flags)))
+
+
+def make_run(model, args=None, task=None, ref_model=None, ctx=None, rank=0, world_size=1, log=None):
+    """A Run record around a model, as train() builds it, for calling the phase functions."""
+    args = args or parse("--max_new_tokens", "6")
+    return sdpg.Run(args, task or data.AdditionTask(2, eval_size=20), ENC, torch.device("cpu"),
+                    ctx or torch.autocast("cpu", enabled=False), rank, world_size,
+                    log if log is not None else (lambda record: None), model=model,
+                    train_model=model, ref_model=ref_model or model, teacher=model)
 
 
 # -----------------------------------------------------------------------------
@@ -165,7 +183,7 @@ def test_kl_estimators_expectations_by_exhaustive_enumeration():
     zp, zq = 2 * torch.randn(7, dtype=torch.float64), 2 * torch.randn(7, dtype=torch.float64)
     logp, logq = F.log_softmax(zp, -1), F.log_softmax(zq, -1)
     exact = sdpg.full_vocab_reverse_kl(zp, zq)
-    k1, k2, k3 = plumbing.kl_estimators(logp, logq)  # one value per token y of the vocabulary
+    k1, k2, k3 = extras.kl_estimators(logp, logq)  # one value per token y of the vocabulary
     p = logp.exp()
     assert_close((p * k1).sum(), exact)
     assert_close((p * k3).sum(), exact)
@@ -173,34 +191,60 @@ def test_kl_estimators_expectations_by_exhaustive_enumeration():
     assert (k3 >= 0).all() and (k1 < 0).any()
 
 
-def test_per_term_gradients_sum_to_the_total_gradient():
+def test_each_loss_term_equals_its_formula_on_the_full_logits_in_float64():
+    """minibatch_loss's terms, each against its equation recomputed from the full (B, Tr, V) logits
+    in float64: L_out the clipped surrogate, alpha L_ref the urkl penalty, beta L_OPD the gated,
+    capped reverse KL, each a token-mean; and their gradients."""
     model = tiny_gpt(torch.float64)
-    mb = fixed_rollouts(model, 4, seed=12)
-    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
-    args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.2", "--opd_gate", "all", "--group_size", "1"]))  # one row per prompt
-    n = mb["mask"].sum().item()
+    mb = double(fixed_rollouts(model, 4, seed=12))
+    mb.adv = torch.tensor([1.0, -0.5, 2.0, -2.0], dtype=torch.float64)  # both signs, gated and not
+    m, n = mb.mask, mb.mask.sum()
+    z_s = response_logits(model, mb.x, mb.resp)  # (B, Tr, V), autograd through the model
+    logp = torch.log_softmax(z_s, -1).gather(-1, mb.resp[..., None])[..., 0]
+    ratio = torch.exp(logp - mb.old_logp)
+    a = mb.adv[:, None]
+    l_out = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
+    l_out = torch.where((a < 0) & (l_out > -10 * a), -10 * a, l_out)  # the dual clip
+    z_t = mb.h_teacher @ model.lm_head_weight.detach().T
+    kl = brute_force_kl(z_s.detach(), z_t)
+    kl_grad = sdpg.full_vocab_reverse_kl(z_s, z_t)
+    assert_close(kl_grad.detach(), kl)
+    cap = kl[(m > 0) & (a > 0)].median().item()  # the cap bites on half the gated tokens
+    args = parse("--alpha", "0.2", "--opd_gate", "positive", "--kl_cap", str(cap))
+    loss, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
+    expected = {"out": (l_out * m).sum() / n, "ref": 0.2 * (0.5 * (logp - mb.ref_logp) ** 2 * m).sum() / n,
+                "opd": 0.3 * ((a > 0) * kl_grad.clamp(max=cap) * m).sum() / n}
+    assert set(terms) == set(expected) and (a > 0).any() and (a < 0).any()
     params = list(model.parameters())
-    loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n, 1)
-    assert set(terms) == {"out", "ref", "opd"}
-    total = torch.autograd.grad(loss, params, retain_graph=True)
-    parts = [torch.autograd.grad(v, params, retain_graph=True) for v in terms.values()]
-    for i, g in enumerate(total):
-        assert_close(sum(p[i] for p in parts), g)
-    diag = plumbing.loss_diagnostics(model, model, mb, terms, args, 1)  # reference = the model itself
+    for k in expected:
+        assert_close(terms[k], expected[k])
+        for g, g_ref in zip(torch.autograd.grad(terms[k], params, retain_graph=True),
+                            torch.autograd.grad(expected[k], params, retain_graph=True)):
+            assert_close(g, g_ref)
+    assert_close(sums["kl_teacher"], (kl * m).sum())  # logged uncapped and ungated
+    assert_close(sums["loss_opd"], ((a > 0) * kl.clamp(max=cap) * m).sum())
+
+
+def test_loss_diagnostics_against_their_definitions():
+    """tools/extras.py: each term's gradient norm and the out/opd cosine from autograd on the terms;
+    the exact KL to a reference that is the model itself is 0, to the teacher it is the loss's KL."""
+    model = tiny_gpt(torch.float64)
+    mb = double(fixed_rollouts(model, 4, seed=12))
+    args = parse("--alpha", "0.2", "--opd_gate", "all")
+    args.group_size = 1  # every fixed rollout has its own prompt
+    n = mb.mask.sum().item()
+    mb = dataclasses.replace(mb, n_tokens=n)
+    diag = extras.loss_diagnostics(make_run(model, args), 0.3, mb)  # reference = the model itself
+    _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n, 1)
+    params = list(model.parameters())
+    g = {k: torch.cat([x.flatten() for x in torch.autograd.grad(v, params, retain_graph=True)])
+         for k, v in terms.items()}
     assert diag["exact_ref"] == pytest.approx(0, abs=1e-12) and diag["k1_ref"] == pytest.approx(0, abs=1e-12)
-    norm = lambda gs: torch.cat([x.flatten() for x in gs]).norm().item()
-    assert diag["grad_norm_out"] == pytest.approx(norm(parts[0]))
-    assert -1 <= diag["grad_cos_out_opd"] <= 1 and diag["exact_teacher"] > 0
-
-
-def test_pass_at_k_against_brute_force_over_subsets():
-    for n in range(1, 8):
-        for c in range(n + 1):
-            outcomes = [1] * c + [0] * (n - c)
-            for k in range(1, n + 1):
-                subsets = list(itertools.combinations(range(n), k))
-                brute = sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
-                assert plumbing.pass_at_k(n, c, k) == pytest.approx(brute)
+    assert diag["exact_teacher"] == pytest.approx((sums["kl_teacher"] / n).item())
+    for k in ("out", "ref", "opd"):
+        assert diag[f"grad_norm_{k}"] == pytest.approx(g[k].norm().item())
+    cos = (g["out"] @ g["opd"] / (g["out"].norm() * g["opd"].norm())).item()
+    assert diag["grad_cos_out_opd"] == pytest.approx(cos)
 
 
 # -----------------------------------------------------------------------------
@@ -214,6 +258,11 @@ def test_group_advantages_hand_worked_and_all_equal_group():
     assert_close(adv[:4], expected_first)
     assert torch.equal(adv[4:], torch.zeros(4))  # all-equal group: no signal
     assert torch.equal(sdpg.group_advantages(torch.zeros(6), 3), torch.zeros(6))
+    # scores 1e-4 apart (an all-correct group under GRPO's KL-in-reward): std 1e-4 / sqrt(2), and
+    # eps 1e-6 outside the root gives +-0.697; sqrt(var + eps) would give +-0.05
+    tiny = sdpg.group_advantages(torch.tensor([1.0, 1.0 + 1e-4], dtype=torch.float64), 2)
+    expected = torch.tensor([-1.0, 1.0], dtype=torch.float64) * 0.5e-4 / (1e-4 / math.sqrt(2) + 1e-6)
+    assert_close(tiny, expected, rtol=1e-6, atol=0) and abs(expected[1].item() - 0.697) < 1e-3
 
 
 def test_clipped_surrogate_each_case():
@@ -408,32 +457,32 @@ def schoolbook_carries(a, b, digits):
 
 def test_contexts_hand_worked_and_by_their_definitions():
     # 7 + 96 = 103, answer '301' (reversed); 6 + 7 carries into the tens, 0 + 9 + 1 into the hundreds
-    assert data.context_text("answer", 7, 96) == "301" and data.context_text("hint", 7, 96) == "011"
-    assert data.carry_text(7, 596, 3) == "0110"  # 603: carries out of the units and the tens only
+    assert extras.context_text("answer", 7, 96) == "301" and extras.context_text("hint", 7, 96) == "011"
+    assert extras.carry_text(7, 596, 3) == "0110"  # 603: carries out of the units and the tens only
     rng = np.random.default_rng(0)
     a, b = data.sample_problems(rng, 300, np.array([], dtype=np.int64), 3)
     for i, j in zip(a.tolist(), b.tolist()):
-        y, hint = data.answer_text(i, j, 3), data.carry_text(i, j, 3)
+        y, hint = data.answer_text(i, j, 3), extras.carry_text(i, j, 3)
         assert [int(ch) for ch in hint] == schoolbook_carries(i, j, 3)
         # the hint is not the answer, but with it each digit is one column's sum mod 10
         assert [(i // 10 ** k % 10 + j // 10 ** k % 10 + int(hint[k])) % 10 for k in range(3)] + [int(hint[3])] \
             == [int(ch) for ch in y]
-        part = data.context_text("partial", i, j, 3, rng)
+        part = extras.context_text("partial", i, j, 3, rng)
         assert part.count("?") == 2 and all(p in ("?", t) for p, t in zip(part, y))
-        assert data.context_text("noisy", i, j, 3, rng, 0.0) == y
-        wrong = data.context_text("noisy", i, j, 3, rng, 1.0)
+        assert extras.context_text("noisy", i, j, 3, rng, 0.0) == y
+        wrong = extras.context_text("noisy", i, j, 3, rng, 1.0)
         assert len(wrong) == 4 and sum(p != t for p, t in zip(wrong, y)) == 1 and wrong.isdigit()
-        other = data.context_text("irrelevant", i, j, 3, rng)
+        other = extras.context_text("irrelevant", i, j, 3, rng)
         assert other != y and len(other) == 4 and int(other[::-1]) <= 2 * 999  # some problem's sum
     # noise p: one digit wrong in a fraction p of the contexts (binomial, 4000 draws: 5 sigma is 0.036)
-    n_wrong = sum(data.context_text("noisy", 12, 34, 2, rng, 0.3) != "64" + "0" for _ in range(4000))
+    n_wrong = sum(extras.context_text("noisy", 12, 34, 2, rng, 0.3) != "64" + "0" for _ in range(4000))
     assert abs(n_wrong / 4000 - 0.3) < 0.036
     # every kind is the answer's length; an unknown kind or a stray noise is refused
-    for kind in data.CONTEXTS:
-        assert len(data.AdditionTask(2, 10, kind).context((7, 96), np.random.default_rng(1))) == 3
+    for kind in extras.CONTEXTS:
+        assert len(extras.ContextTask(2, 10, kind).context((7, 96), np.random.default_rng(1))) == 3
     for bad in (dict(context="oracle"), dict(context="answer", noise=0.1), dict(context="noisy", noise=1.5)):
         with pytest.raises(ValueError):
-            data.AdditionTask(2, 10, **bad)
+            extras.ContextTask(2, 10, **bad)
 
 
 def test_evaluation_draws_the_same_contexts_every_time(monkeypatch):
@@ -441,9 +490,9 @@ def test_evaluation_draws_the_same_contexts_every_time(monkeypatch):
     teacher-view accuracy over training is measured on one fixed set of contexts."""
     model = tiny_gpt()
     seen = spy_on_generate(monkeypatch)
-    task = data.AdditionTask(eval_size=40, context="noisy", noise=0.5)
+    task = extras.ContextTask(eval_size=40, context="noisy", noise=0.5)
     for _ in range(2):
-        plumbing.evaluate(model, ENC, task, task.eval_set, 0, 1, 6, torch.device("cpu"), torch.no_grad())
+        sdpg.evaluate(make_run(model, task=task), model, task.eval_set)
     assert torch.equal(seen[1], seen[3])
     contexts = [ENC.decode(r[1:4].tolist()) for r in seen[1]]
     answers = [task.answer(p) for p in task.eval_set]
@@ -458,7 +507,7 @@ def test_first_wrong_token_hand_worked():
                          [52, 57, 50, eot, eot],   # wrong from the first digit on
                          [51, 48, eot, eot, eot]])  # stopped early: wrong at its end-of-text
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]).float()
-    got = plumbing.first_wrong(resp, mask, target)
+    got = extras.first_wrong(resp, mask, target)
     assert got.int().tolist() == [[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 1, 0, 0]]
 
 
@@ -474,15 +523,15 @@ def spy_on_generate(monkeypatch):
     return seen
 
 
-def run_in_process(monkeypatch, args):
-    """Run sdpg.py as __main__ in this process (so spies on the model see it), then restore the
-    SIGINT and SIGTERM handlers it installs."""
-    import runpy
+def run_in_process(monkeypatch, args, task=None, hook=None, entry=None):
+    """sdpg.main (or entry, e.g. extras.main) on the CPU in this process, so that spies and patches
+    see it; restores the SIGINT and SIGTERM handlers it installs."""
     import signal
-    monkeypatch.setattr(sys, "argv", ["sdpg.py", "--device", "cpu"] + args)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
-        runpy.run_path(os.path.join(HERE, "sdpg.py"), run_name="__main__")
+        if entry is not None:
+            return entry(["--device", "cpu"] + args)
+        return sdpg.main(["--device", "cpu"] + args, task=task, hook=hook)
     finally:
         signal.signal(signal.SIGINT, handlers[0])
         signal.signal(signal.SIGTERM, handlers[1])
@@ -494,7 +543,7 @@ def test_rollouts_and_eval_feed_the_student_no_hint(monkeypatch):
     model = tiny_gpt()
     seen = spy_on_generate(monkeypatch)
     task = data.AdditionTask(eval_size=20)
-    plumbing.evaluate(model, ENC, task, task.eval_set, 0, 1, 6, torch.device("cpu"), torch.no_grad())
+    sdpg.evaluate(make_run(model, task=task), model, task.eval_set)
     hint = ENC.encode_single_token(data.HINT)
     assert len(seen) == 2 and not (seen[0] == hint).any() and (seen[1] == hint).sum(1).eq(2).all()
     assert torch.equal(seen[1][:, -seen[0].size(1):], seen[0])
@@ -556,10 +605,15 @@ def fixed_rollouts(model, n, seed, eot_last=False):
         old = logp + 0.1 * torch.randn(n, 6)
         ref = old + 0.2 * torch.randn(n, 6)
         h_teacher = sdpg.response_hidden(model, cx, resp)  # (n, 6, H), as the loop computes it
-    first_wrong = plumbing.first_wrong(resp, mask, torch.tensor(target))
-    adv = torch.randn(n)
-    return {"student": x, "resp": resp, "mask": mask, "adv": adv, "old_logp": old, "ref_logp": ref,
-            "h_teacher": h_teacher, "is_eot": resp == ENC.eot_token, "first_wrong": first_wrong}
+    return sdpg.Rollouts(list(zip(a.tolist(), b.tolist())), x, cx, resp, mask, resp == ENC.eot_token,
+                         torch.zeros(n), old_logp=old, ref_logp=ref, adv=torch.randn(n),
+                         h_teacher=h_teacher, w_teacher=model.lm_head_weight.detach())
+
+
+def double(mb):
+    """The rollouts with every floating-point tensor in float64 (the teacher's matrix included)."""
+    return dataclasses.replace(mb, **{k: v.double() for k, v in vars(mb).items()
+                                      if torch.is_tensor(v) and v.is_floating_point()})
 
 
 def grads(model, mb, args, world_size, n_tokens_global):
@@ -573,13 +627,13 @@ def test_ddp_normalisation_two_ranks_equal_one_rank_on_fixed_rollouts():
     """Two ranks with 3 rollouts each (uneven lengths), gradients averaged as DDP does, equal one
     rank holding all 6: token-mean over the global token count, whatever each rank holds."""
     model = tiny_gpt(torch.float64)
-    args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "all"]))
+    args = parse("--alpha", "0.1", "--opd_gate", "all")
     mb = fixed_rollouts(model, 6, seed=4)
-    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
-    n_global = mb["mask"].sum().item()
+    mb = double(mb)
+    n_global = mb.mask.sum().item()
     one_rank = grads(model, mb, args, 1, n_global)
-    halves = [{k: v[s] for k, v in mb.items()} for s in (slice(0, 3), slice(3, 6))]
-    assert halves[0]["mask"].sum() != halves[1]["mask"].sum()  # really uneven
+    halves = [mb.rows(0, 3, 1), mb.rows(3, 6, 1)]
+    assert halves[0].mask.sum() != halves[1].mask.sum()  # really uneven
     two_ranks = sum(grads(model, h, args, 2, n_global) for h in halves) / 2
     assert_close(two_ranks, one_rank)
 
@@ -589,25 +643,25 @@ def test_padding_positions_cannot_turn_the_gradient_into_nan():
     gradient through exp() (inf * mask 0 = NaN)."""
     model = tiny_gpt(torch.float64)
     mb = fixed_rollouts(model, 4, seed=8)
-    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
-    mb["mask"][0, 3:] = 0
-    mb["old_logp"][0, 4] = -1000.0  # ratio exp(+~1000) = inf at a padding position
-    mb["ref_logp"][0, 5] = 1000.0  # pi_ref / pi_theta = inf there too
-    args = sdpg.resolve(sdpg.parser.parse_args(["--kl_mode", "fkl", "--alpha", "0.1"]))
-    g = grads(model, mb, args, 1, mb["mask"].sum().item())
+    mb = double(mb)
+    mb.mask[0, 3:] = 0
+    mb.old_logp[0, 4] = -1000.0  # ratio exp(+~1000) = inf at a padding position
+    mb.ref_logp[0, 5] = 1000.0  # pi_ref / pi_theta = inf there too
+    args = parse("--kl_mode", "fkl", "--alpha", "0.1")
+    g = grads(model, mb, args, 1, mb.mask.sum().item())
     assert torch.isfinite(g).all()
 
 
 def test_positive_gate_drops_distillation_on_non_positive_advantages():
     model = tiny_gpt(torch.float64)
     mb = fixed_rollouts(model, 4, seed=6)
-    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
-    mb["adv"] = torch.tensor([-1.0, 0.0, -0.5, 0.0], dtype=torch.float64)
-    n = mb["mask"].sum().item()
-    sd = sdpg.resolve(sdpg.parser.parse_args(["--algo", "sdpg", "--opd_gate", "positive"]))
-    gr = sdpg.resolve(sdpg.parser.parse_args(["--algo", "grpo", "--alpha", "1e-3", "--dual_clip", "10"]))  # same clip
+    mb = double(mb)
+    mb.adv = torch.tensor([-1.0, 0.0, -0.5, 0.0], dtype=torch.float64)
+    n = mb.mask.sum().item()
+    sd = parse("--algo", "sdpg", "--opd_gate", "positive")
+    gr = parse("--algo", "grpo", "--alpha", "1e-3", "--dual_clip", "10")  # same clip
     assert_close(grads(model, mb, sd, 1, n), grads(model, mb, gr, 1, n))
-    ungated = sdpg.resolve(sdpg.parser.parse_args(["--algo", "sdpg", "--opd_gate", "all"]))
+    ungated = parse("--algo", "sdpg", "--opd_gate", "all")
     assert not torch.allclose(grads(model, mb, ungated, 1, n), grads(model, mb, gr, 1, n))
 
 
@@ -616,18 +670,18 @@ def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
     from the full (N, V) logits in float64, and the advantages (the verifier) play no part."""
     model = tiny_gpt(torch.float64)
     mb = fixed_rollouts(model, 4, seed=9)
-    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
-    args = sdpg.resolve(sdpg.parser.parse_args(["--algo", "opd", "--alpha", "0.1", "--opd_gate", "positive"]))
-    m, n = mb["mask"], mb["mask"].sum()
+    mb = double(mb)
+    args = parse("--algo", "opd", "--alpha", "0.1", "--opd_gate", "positive")
+    m, n = mb.mask, mb.mask.sum()
     loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
-    z_s = response_logits(model, mb["student"], mb["resp"])
-    z_t = mb["h_teacher"] @ model.lm_head_weight.T
+    z_s = response_logits(model, mb.x, mb.resp)
+    z_t = mb.h_teacher @ model.lm_head_weight.T
     kl = brute_force_kl(z_s, z_t)
-    logp = torch.log_softmax(z_s, -1).gather(-1, mb["resp"][..., None])[..., 0]
-    ref = 0.5 * (logp - mb["ref_logp"]) ** 2
+    logp = torch.log_softmax(z_s, -1).gather(-1, mb.resp[..., None])[..., 0]
+    ref = 0.5 * (logp - mb.ref_logp) ** 2
     assert set(terms) == {"ref", "opd"}
     assert_close(loss, ((0.3 * kl + 0.1 * ref) * m).sum() / n)
-    mb["adv"] = -mb["adv"]  # a different verifier outcome: the same loss
+    mb.adv = -mb.adv  # a different verifier outcome: the same loss
     assert_close(sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)[0], loss)
 
 
@@ -636,18 +690,18 @@ def test_kl_cap_and_end_of_text_exclusion_against_float64_autograd():
     end-of-text; the capped tokens give no gradient. Reference: autograd through the full logits."""
     model = tiny_gpt(torch.float64)
     mb = fixed_rollouts(model, 4, seed=11, eot_last=True)
-    mb = {k: v.double() if v.is_floating_point() else v for k, v in mb.items()}
-    m, n = mb["mask"], mb["mask"].sum()
-    assert (mb["is_eot"] & (m > 0)).sum() == 4  # one end-of-text token in each row
-    z_s = response_logits(model, mb["student"], mb["resp"])
-    z_t = mb["h_teacher"] @ model.lm_head_weight.T
+    mb = double(mb)
+    m, n = mb.mask, mb.mask.sum()
+    assert (mb.is_eot & (m > 0)).sum() == 4  # one end-of-text token in each row
+    z_s = response_logits(model, mb.x, mb.resp)
+    z_t = mb.h_teacher @ model.lm_head_weight.T
     kl = sdpg.full_vocab_reverse_kl(z_s, z_t)  # (4, 6), with autograd
     cap = kl[m > 0].median().item()  # half of the tokens are capped
     for exclude in (False, True):
         flags = ["--opd_gate", "all", "--alpha", "0", "--kl_cap", str(cap)] + (["--opd_exclude_eot"] if exclude else [])
         args = sdpg.resolve(sdpg.parser.parse_args(flags))
         _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
-        keep = (~mb["is_eot"]).double() if exclude else torch.ones_like(m)
+        keep = (~mb.is_eot).double() if exclude else torch.ones_like(m)
         expected = 0.3 * (torch.clamp(kl, max=cap) * keep * m).sum() / n
         assert_close(terms["opd"], expected)
         params = list(model.parameters())
@@ -655,11 +709,54 @@ def test_kl_cap_and_end_of_text_exclusion_against_float64_autograd():
                             torch.autograd.grad(expected, params, retain_graph=True)):
             assert_close(g, g_ref)
         assert_close(sums["kl_teacher"], (kl * m).sum())  # the logged KL is the uncapped one
-        assert_close(sums["kl_teacher_eot"], (kl * mb["is_eot"] * m).sum())
-        pos = (mb["adv"] > 0).double()[:, None]  # the logs split the KL by rollout and token
-        assert_close(sums["kl_teacher_pos"], (kl * pos * m).sum())
-        assert_close(sums["tokens_pos"], (pos * m).sum())
-        assert_close(sums["kl_teacher_wrong"], (kl * mb["first_wrong"] * m).sum())
+
+
+def test_frozen_teacher_uses_its_own_weights_and_head_against_float64_forwards():
+    """--teacher frozen: the teacher is pi_ref entirely, trunk and output matrix. With a reference
+    whose embeddings (so whose tied head) differ from the model's, the loss and its gradient
+    equal a float64 reference built from each model's own full forward."""
+    model, ref = tiny_gpt(torch.float64, seed=0), tiny_gpt(torch.float64, seed=1)
+    assert not torch.equal(model.lm_head_weight, ref.lm_head_weight)
+    mb = double(fixed_rollouts(model, 4, seed=13))
+    with torch.no_grad():
+        mb.h_teacher = ref.score(mb.cx, mb.resp)  # as update() does with run.teacher = pi_ref
+    mb.w_teacher = ref.lm_head_weight.detach()
+    args = parse("--algo", "opd", "--alpha", "0", "--kl_cap", "0", "--teacher", "frozen")
+    n = mb.mask.sum()
+    loss, sums, _ = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
+    z_s = response_logits(model, mb.x, mb.resp)  # the student's own forward
+    z_t = response_logits(ref, mb.cx, mb.resp).detach()  # the frozen teacher's own forward
+    expected = 0.3 * (sdpg.full_vocab_reverse_kl(z_s, z_t) * mb.mask).sum() / n
+    assert_close(sums["kl_teacher"], (brute_force_kl(z_s.detach(), z_t) * mb.mask).sum())
+    assert_close(loss, expected)
+    params = list(model.parameters())
+    for g, g_ref in zip(torch.autograd.grad(loss, params, retain_graph=True),
+                        torch.autograd.grad(expected, params)):
+        assert_close(g, g_ref)
+    assert all(p.grad is None for p in ref.parameters())  # nothing reaches the frozen teacher
+    # the hybrid the option once computed (pi_ref's trunk under the model's head) is another loss
+    hybrid = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, w_teacher=None),
+                                 args, 0.3, n.item(), 1)[0]
+    assert abs(hybrid.item() - loss.item()) > 0.05 * loss.item()
+
+
+def test_kl_location_logs_against_their_definitions():
+    """tools/extras.py kl_location: the KL's share on end-of-text tokens and on the first wrong
+    token, the KL per token of A > 0 rollouts and their token share, from the float64 KL."""
+    model = tiny_gpt(torch.float64)
+    mb = double(fixed_rollouts(model, 4, seed=11, eot_last=True))
+    args = parse()
+    args.group_size = 1  # every fixed rollout has its own prompt
+    got = extras.kl_location(make_run(model, args), mb)
+    m = mb.mask
+    kl = brute_force_kl(response_logits(model, mb.x, mb.resp), mb.h_teacher @ model.lm_head_weight.T) * m
+    target = torch.tensor([data.encode_chars(ENC, data.answer_text(*p)) + [ENC.eot_token] for p in mb.problems])
+    wrong = extras.first_wrong(mb.resp, m, target)
+    pos = (mb.adv > 0).double()[:, None] * m
+    assert got["eot_kl_share"] == pytest.approx(((kl * mb.is_eot).sum() / kl.sum()).item())
+    assert got["wrong_kl_share"] == pytest.approx(((kl * wrong).sum() / kl.sum()).item())
+    assert got["kl_teacher_pos"] == pytest.approx(((kl * pos).sum() / pos.sum()).item())
+    assert got["tokens_pos"] == pytest.approx((pos.sum() / m.sum()).item())
 
 
 def test_rlsd_advantages_hand_worked():
@@ -680,29 +777,6 @@ def test_rlsd_advantages_hand_worked():
                  torch.tensor([[0.0], [0.5 + 0.5 * 0.8]]))
 
 
-def fake_rollouts(rewards_per_group, length, tag):
-    """A rollout batch of len(rewards_per_group) groups of G = 2, prompts tagged for identification."""
-    n = len(rewards_per_group)
-    return {"x": torch.full((n, 3), tag) + torch.arange(n)[:, None], "cx": torch.full((n, 5), tag),
-            "resp": torch.full((2 * n, length), tag), "mask": torch.ones(2 * n, length),
-            "rewards": torch.tensor([float(r) for g in rewards_per_group for r in g])}
-
-
-def test_dynamic_sampling_keeps_signal_groups_then_fills_with_dropped_ones():
-    assert plumbing.group_has_signal(torch.tensor([1., 1., 0., 1., 0., 0.]), 2).tolist() == [False, True, False]
-    draws = iter([fake_rollouts([[1, 1], [0, 1], [0, 0]], 4, 10), fake_rollouts([[1, 0], [1, 1], [0, 1]], 6, 20)])
-    batch, drawn = plumbing.dynamic_sampling(lambda: next(draws), 3, 2, 10, eot=256)
-    assert len(drawn) == 2  # one signal group in the first draw, two more in the second
-    assert batch["x"][:, 0].tolist() == [11, 20, 22]  # the signal groups, in the order drawn
-    assert batch["rewards"].tolist() == [0, 1, 1, 0, 0, 1]
-    assert batch["resp"].shape == (6, 6) and (batch["resp"][:2, 4:] == 256).all()  # padded with eot ...
-    assert batch["mask"][:2].sum().item() == 8 and batch["mask"][2:].sum().item() == 24  # ... under mask 0
-    # the limit reached with too few signal groups: filled with dropped (all-equal) groups
-    draws = iter([fake_rollouts([[1, 1], [0, 1], [0, 0]], 4, 10)] * 2)
-    batch, drawn = plumbing.dynamic_sampling(lambda: next(draws), 3, 2, 1, eot=256)
-    assert len(drawn) == 1 and batch["x"][:, 0].tolist() == [11, 10, 12]
-
-
 # -----------------------------------------------------------------------------
 # the script end to end, in subprocesses with tiny budgets
 
@@ -710,13 +784,26 @@ TINY = ["--sft_steps", "30", "--rl_steps", "3", "--eval_every", "2", "--eval_siz
         "--group_size", "4", "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--sft_batch", "16"]
 
 
-def run_script(args, nproc=None, timeout=240):
+def run_script(args, nproc=None, timeout=240, script="sdpg.py"):
     """sdpg.py with args, on the CPU even where there is a GPU (a later --device in args wins);
     with nproc, under torchrun: nproc processes, gloo."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
-    return subprocess.run(head + [os.path.join(HERE, "sdpg.py"), "--device", "cpu"] + args, capture_output=True, text=True,
+    return subprocess.run(head + [os.path.join(HERE, script), "--device", "cpu"] + args, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=HERE)
+
+
+def run_main(monkeypatch, capsys, args, **kw):
+    """sdpg.main (see run_in_process) in this process, faster than a subprocess: a record with the
+    exit code, stdout and stderr, like subprocess.run's."""
+    capsys.readouterr()
+    try:
+        run_in_process(monkeypatch, args, **kw)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return argparse.Namespace(returncode=code, stdout=out, stderr=err)
 
 
 def read_log(out_dir):
@@ -724,102 +811,264 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-def test_smoke_run_writes_log_checkpoint_and_reuses_warm_start(tmp_path):
+def phase(log, name):
+    return [r for r in log if r["phase"] == name]
+
+
+def one_line_error(p, needle):
+    lines = p.stderr.strip().splitlines()
+    return p.returncode == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr
+
+
+def test_smoke_run_writes_log_checkpoint_summary_and_reuses_warm_start(tmp_path):
     out = str(tmp_path / "run")
     p = run_script(TINY + ["--out_dir", out])
     assert p.returncode == 0, p.stderr
     log = read_log(out)
     assert log[0]["phase"] == "config" and log[0]["world_size"] == 1 and log[0]["group_size"] == 4
-    rl = [r for r in log if r["phase"] == "rl"]
-    evals = [r for r in log if r["phase"] == "eval"]
+    rl, evals = phase(log, "rl"), phase(log, "eval")
     assert [r["step"] for r in rl] == [1, 2, 3] and [r["step"] for r in evals] == [0, 2, 3]
     for key in ["reward", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref", "entropy", "resp_len",
-                "beta", "clip_frac", "tok_per_s", "dt", "eot_kl_share"]:
+                "beta", "clip_frac", "tok_per_s", "dt"]:
         assert all(math.isfinite(r[key]) for r in rl), key
-    assert all(0 <= r["eval_acc"] <= 1 and 0 <= r["teacher_acc"] <= 1 for r in evals)
-    assert all(0 <= r["pass@1"] <= r["pass@4"] <= 1 and r["mean@4"] == pytest.approx(r["pass@1"]) for r in evals)
-    diag = [r for r in rl if "grad_norm_out" in r]
-    assert [r["step"] for r in diag] == [1]  # --diag_every 20: the first step
-    assert all(math.isfinite(diag[0][k]) for k in ("exact_teacher", "k1_teacher", "k2_teacher", "k3_teacher",
-                                                    "exact_ref", "grad_norm_out", "grad_norm_opd"))
-    assert -1 <= diag[0].get("grad_cos_out_opd", 0) <= 1  # absent when a term's gradient is zero
-    assert "| reward" in p.stdout and "eval_acc" in p.stdout
+    # mean@4 is logged once: pass@1 of 4 samples is the same number, so it is not logged again
+    assert all("mean@4" in r and not any(k.startswith("pass@") for k in r) for r in evals)
+    assert "step 1/3 | reward" in p.stdout and "eval step 0/3 | eval_acc" in p.stdout
+    summary = p.stdout.strip().splitlines()[-1]  # the run ends with one line: accuracies, files, plot
+    assert summary.startswith("done: RL") and "tools/plot.py" in summary and out in summary
+    assert f"eval_acc {evals[0]['eval_acc']:.3f} -> {evals[-1]['eval_acc']:.3f}" in summary
+    assert f"teacher_acc {evals[0]['teacher_acc']:.3f} -> {evals[-1]['teacher_acc']:.3f}" in summary
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 3 and {"model", "optimizer", "ref_model", "config", "rng"} <= set(ckpt)
     # a second run reuses sft.pt and, from the same seed, starts RL from the same weights
     p2 = run_script(TINY + ["--out_dir", out])
     assert p2.returncode == 0 and "reusing" in p2.stdout
-    assert read_log(out)[1]["eval_acc"] == evals[0]["eval_acc"]
+    assert phase(read_log(out), "eval")[0]["eval_acc"] == evals[0]["eval_acc"]
 
 
-@pytest.mark.parametrize("flags", [["--algo", "rlsd", "--filter_groups", "--rlsd_decay", "2"],
-                                   ["--algo", "opd", "--teacher", "frozen", "--recipe", "release"]])
-def test_baselines_run_end_to_end(flags, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--algo", "opd", "--recipe", "release"], ["--algo", "grpo"]])
+def test_a_run_logs_beta_of_k_and_loss_terms_that_sum_to_the_loss(flags, tmp_path, monkeypatch, capsys):
+    """Properties of the loop on a real run: the beta logged at step k is beta_schedule(k) for
+    k = 1 .. T (the paper's triangle: T_warm = T/8, T_decay = 7T/8), and the logged loss is the
+    sum of its logged terms with their weights; the gated, capped KL never exceeds the KL."""
+    out, T = str(tmp_path / "run"), 6
+    assert run_main(monkeypatch, capsys, TINY + ["--sft_until", "0", "--rl_steps", str(T), "--eval_every", "0", "--out_dir", out]
+                      + flags).returncode == 0
+    log = read_log(out)
+    args, rl = log[0], phase(log, "rl")
+    if "--algo" not in flags:  # by hand at k = 1: 0.05 * (1 / 0.75) capped at 1 * (5 / 5.25)
+        assert args["beta_warmup"] == T / 8 and args["beta_decay"] == 7 * T / 8
+        assert rl[0]["beta"] == pytest.approx(0.05 * 1.0 * (5 / 5.25))
+        assert rl[-1]["beta"] == 0.0
+    expected_beta = [sdpg.beta_schedule(k, T, args["beta"], args["beta_warmup"], args["beta_decay"])
+                     if args["algo"] != "grpo" else 0.0 for k in range(1, T + 1)]
+    assert [r["beta"] for r in rl] == expected_beta
+    for r in rl:
+        out_term = 0.0 if args["algo"] == "opd" else r["loss_out"]
+        opd = r["beta"] * r["loss_opd"] if "loss_opd" in r else 0.0
+        assert r["loss"] == pytest.approx(out_term + args["alpha"] * r["loss_ref"] + opd, rel=1e-4, abs=1e-7)
+        assert "loss_opd" not in r or r["loss_opd"] <= r["kl_teacher"] + 1e-6
+
+
+@pytest.mark.parametrize("flags", [["--algo", "rlsd"], ["--algo", "opd", "--teacher", "frozen", "--recipe", "release"]])
+def test_baselines_run_end_to_end(flags, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
-    p = run_script(TINY + ["--sft_until", "0", "--diag_every", "1"] + flags + ["--out_dir", out])
+    p = run_main(monkeypatch, capsys, TINY + ["--sft_until", "0"] + flags + ["--out_dir", out])
     assert p.returncode == 0, p.stderr
-    rl = [r for r in read_log(out) if r["phase"] == "rl"]
+    log = read_log(out)
+    rl, evals = phase(log, "rl"), phase(log, "eval")
     assert len(rl) == 3 and all(math.isfinite(r["loss"]) and 0 <= r["signal_frac"] <= 1 for r in rl)
-    if "rlsd" in flags:  # lambda 0.5 decays linearly to 0 over --rlsd_decay steps
-        assert [r["rlsd_lambda"] for r in rl] == [0.25, 0.0, 0.0] and "kl_teacher" not in rl[0]  # k = 1, 2, 3
-        assert all(1 <= r["gen_batches"] <= 10 for r in rl)
-    else:  # distillation alone: no outcome gradient, a distillation one
-        assert "grad_norm_out" not in rl[0] and rl[0]["grad_norm_opd"] > 0 and rl[0]["beta"] == 0.05
+    if "rlsd" in flags:  # lambda 0.5 decays linearly to 0 over 50 steps, k counted from 1
+        assert [r["rlsd_lambda"] for r in rl] == [0.5 * (1 - k / 50) for k in (1, 2, 3)]
+        assert "kl_teacher" not in rl[0] and all(r["beta"] == 0 for r in rl)
+    else:  # the frozen teacher's accuracy is logged beside the current weights' teacher view
+        frozen = [r["frozen_teacher_acc"] for r in evals]
+        assert len(set(frozen)) == 1 and all("teacher_acc" in r for r in evals)
+        assert all(r["beta"] == 0.05 for r in rl)
 
 
-def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path):
+def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
     tiny = TINY + ["--sft_until", "0"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    assert run_script(tiny + ["--rl_steps", "4", "--out_dir", full]).returncode == 0
-    assert run_script(tiny + ["--rl_steps", "2", "--out_dir", part]).returncode == 0
-    p = run_script(tiny + ["--rl_steps", "4", "--out_dir", part, "--resume", os.path.join(part, "ckpt.pt")])
+    assert run_main(monkeypatch, capsys, tiny + ["--rl_steps", "4", "--out_dir", full, "--recipe", "release"]).returncode == 0
+    assert run_main(monkeypatch, capsys, tiny + ["--rl_steps", "2", "--out_dir", part, "--recipe", "release"]).returncode == 0
+    p = run_main(monkeypatch, capsys, tiny + ["--rl_steps", "4", "--out_dir", part, "--resume", os.path.join(part, "ckpt.pt"),
+                           "--recipe", "release"])
     assert p.returncode == 0, p.stderr
     def strip(log):  # everything but the wall-clock timings
-        return [{k: v for k, v in r.items() if not (k.startswith("dt") or k == "tok_per_s")} for r in log if r["phase"] == "rl"]
+        return [{k: v for k, v in r.items() if not (k.startswith("dt") or k == "tok_per_s")} for r in phase(log, "rl")]
     assert strip(read_log(part))[-2:] == strip(read_log(full))[-2:]
     assert [r["step"] for r in strip(read_log(part))] == [1, 2, 3, 4]
+    # step 2's evaluation was logged before the stop: the resumed run does not write it again
+    assert [r["step"] for r in phase(read_log(part), "eval")] == [0, 2, 4]
+    assert phase(read_log(part), "eval")[-1] == phase(read_log(full), "eval")[-1]
 
 
-def test_torchrun_two_processes_on_cpu(tmp_path):
+def test_resume_keeps_the_schedule_of_the_run_it_continues(tmp_path, monkeypatch, capsys):
+    """A 4-step paper-recipe run resumed with --rl_steps 8 keeps T_warm = 0.5 and T_decay = 3.5
+    steps (its own), so beta(k) = beta_schedule(k, 8, 0.05, 0.5, 3.5), not the schedule of a new
+    8-step run; an explicit --beta_decay replaces it, and the log says so."""
+    out = str(tmp_path / "run")
+    tiny = TINY + ["--sft_until", "0", "--eval_every", "0", "--out_dir", out]
+    assert run_main(monkeypatch, capsys, tiny + ["--rl_steps", "4"]).returncode == 0
+    assert [r["beta"] for r in phase(read_log(out), "rl")][-1] == 0.0  # beta(T) = 0
+    p = run_main(monkeypatch, capsys, tiny + ["--rl_steps", "8", "--resume", os.path.join(out, "ckpt.pt")])
+    assert p.returncode == 0, p.stderr
+    log = read_log(out)
+    assert [r["beta"] for r in phase(log, "rl")][4:] == [sdpg.beta_schedule(k, 8, 0.05, 0.5, 3.5) for k in (5, 6, 7, 8)]
+    assert phase(log, "resume")[0]["changed"] == {"rl_steps": [4, 8]}
+    assert log[-1]["phase"] == "eval" and log[-1]["step"] == 8
+    p = run_main(monkeypatch, capsys, tiny + ["--rl_steps", "10", "--beta_decay", "2", "--resume", os.path.join(out, "ckpt.pt")])
+    assert p.returncode == 0 and "resume: --beta_decay 2.0 replaces the checkpoint's 3.5" in p.stdout
+    assert phase(read_log(out), "resume")[-1]["changed"]["beta_decay"] == [3.5, 2.0]
+
+
+@pytest.mark.parametrize("flags, needle", [(["--beta", "0.1"], "--beta"), (["--recipe", "release"], "--recipe"),
+                                           (["--algo", "grpo"], "--algo"), (["--group_size", "2"], "--group_size"),
+                                           (["--kl_mode", "ufkl"], "--kl_mode"), (["--seed", "3"], "--seed")])
+def test_resume_refuses_a_changed_algorithm_in_one_line(flags, needle, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    assert run_main(monkeypatch, capsys, TINY + ["--sft_until", "0", "--rl_steps", "1", "--out_dir", out]).returncode == 0
+    p = run_main(monkeypatch, capsys, TINY + ["--out_dir", out, "--resume", os.path.join(out, "ckpt.pt")] + flags)
+    assert one_line_error(p, needle) and "differs" in p.stderr, p.stderr
+
+
+def test_torchrun_two_processes_evaluate_as_one_process_on_the_same_weights(tmp_path):
+    """Under DDP each rank evaluates its shard of the held-out set; the metrics logged by two ranks
+    equal those of one process evaluating the saved final weights on the whole set."""
     out = str(tmp_path / "ddp")
-    p = run_script(TINY + ["--out_dir", out], nproc=2)
+    p = run_script(TINY + ["--out_dir", out, "--eval_size", "41"], nproc=2)  # 41: shards of 21 and 20
     assert p.returncode == 0, p.stderr[-3000:]
     log = read_log(out)
-    assert log[0]["world_size"] == 2
-    assert [r["step"] for r in log if r["phase"] == "rl"] == [1, 2, 3]
-    assert os.path.exists(os.path.join(out, "ckpt.pt"))
+    assert log[0]["world_size"] == 2 and [r["step"] for r in phase(log, "rl")] == [1, 2, 3]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    task = data.AdditionTask(2, eval_size=41)
+    acc, teacher_acc = sdpg.evaluate(make_run(model, parse(*TINY), task), model, task.eval_set)
+    last = phase(log, "eval")[-1]
+    assert (last["eval_acc"], last["teacher_acc"]) == (acc, teacher_acc)
 
 
 @pytest.mark.parametrize("flags, needle", [
     (["--group_size", "1"], "group_size"),
     (["--rl_steps", "-3"], "rl_steps"),
     (["--beta", "-0.1"], "beta"),
+    (["--lr", "0"], "lr"),
+    (["--clip_low", "1.5"], "clip_low"),
     (["--kl_mode", "k9"], "kl_mode"),
     (["--algo", "ppo"], "algo"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
     (["--resume", "/no/such/ckpt.pt"], "resume"),
-    (["--tokenizer", "no_such_encoding"], "tokenizer"),
     (["--prompts_per_step", "3"], "prompts_per_step"),
+    (["--n_embd", "30"], "n_head"),
+    (["--digits", "9"], "digits"),
     (["--not_a_flag", "1"], "not_a_flag"),
     (["--out_dir", "/dev/null/run"], "out_dir"),  # a path under a file: not creatable
-    (["--context", "oracle"], "context"),
-    (["--context_noise", "0.2"], "context_noise"),  # noise on the exact answer: only with --context noisy
-    (["--context", "noisy", "--context_noise", "1.5"], "context_noise"),
     (["--sft_teacher_until", "2"], "sft_teacher_until"),
 ])
-def test_bad_flags_exit_nonzero_with_one_line(flags, needle, tmp_path):
-    p = run_script(["--out_dir", str(tmp_path)] + flags, timeout=60)  # a later --out_dir wins
-    assert p.returncode != 0
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in p.stderr
+def test_bad_flags_exit_nonzero_with_one_line(flags, needle, tmp_path, monkeypatch, capsys):
+    p = run_main(monkeypatch, capsys, ["--out_dir", str(tmp_path)] + flags)  # a later --out_dir wins
+    assert one_line_error(p, needle), p.stderr
+
+
+@pytest.mark.parametrize("flags, needle", [(["--context", "oracle"], "context"),
+                                           (["--context_noise", "0.2"], "context_noise"),
+                                           (["--context", "noisy", "--context_noise", "1.5"], "context_noise")])
+def test_bad_extras_flags_exit_nonzero_with_one_line(flags, needle, tmp_path):
+    p = run_script(["--out_dir", str(tmp_path)] + flags, timeout=60, script="tools/extras.py")
+    assert one_line_error(p, needle), p.stderr
+
+
+def test_help_shows_what_each_recipe_sets():
+    text = sdpg.parser.format_help()
+    assert "None" not in text
+    for k in ("clip_high", "opd_gate", "beta_warmup", "dual_clip", "alpha"):
+        shown = sdpg.recipe_help(k, "")
+        assert all(f"{r} " in shown for r in sdpg.RECIPES)
+    assert "paper 0.2, release 0.28; grpo 0.2, rlsd 0.2" in sdpg.recipe_help("clip_high", "")
+    assert "paper 0.125*rl_steps, release 0" in sdpg.recipe_help("beta_warmup", "")
+    n_flags = sum(1 for a in sdpg.parser._actions if a.option_strings and a.dest != "help")
+    assert n_flags <= 40
 
 
 # -----------------------------------------------------------------------------
-# reliability: checkpoints, interrupts, non-finite updates, uneven DDP work
+# the warm start: its bars, its cache
+
+def test_warm_start_stops_at_the_first_check_where_both_views_meet_their_bars(monkeypatch):
+    """Bars 0.2 (student) and 0.9 (teacher view), checked every 25 steps: scripted validation
+    accuracies meet one bar at the first check, the other at the second, both at the third."""
+    answers = iter([(0.3, 0.5), (0.1, 0.95), (0.25, 0.95), (0.9, 1.0)])
+    calls = []
+    monkeypatch.setattr(sdpg, "evaluate", lambda run, model, problems: calls.append(1) or next(answers))
+    log = []
+    args = parse("--sft_steps", "200", "--sft_batch", "4", "--sft_until", "0.2", "--sft_teacher_until", "0.9")
+    model = tiny_gpt()
+    finished, val = sdpg.warm_start(make_run(model, args, log=log.append), model, AskedStop(False))
+    assert finished and val is None and len(calls) == 3
+    assert [r["step"] for r in log if "val_acc" in r] == [75]
+    # never reached: the run goes on, and says so with the accuracies it had
+    answers, calls[:] = iter([(0.1, 0.95)] * 8), []
+    args.sft_steps = 50
+    finished, val = sdpg.warm_start(make_run(model, args, log=log.append), model, AskedStop(False))
+    assert finished and val == (0.1, 0.95) and len(calls) == 2
+
+
+def test_a_warm_start_that_falls_short_says_so_and_so_does_its_cache(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    tiny = TINY + ["--sft_steps", "25", "--sft_until", "1.0", "--rl_steps", "1", "--out_dir", out]
+    p = run_main(monkeypatch, capsys, tiny)
+    assert p.returncode == 0 and "did not reach the bars" in p.stdout, p.stderr
+    short = [r for r in read_log(out) if r.get("reached") is False]
+    assert len(short) == 1 and 0 <= short[0]["val_acc"] < 1.0
+    p = run_main(monkeypatch, capsys, tiny)  # reused from sft.pt: said again
+    assert "reusing" in p.stdout and "did not reach the bars" in p.stdout
+
+
+class ReadSpy(argparse.Namespace):
+    """Records every attribute read."""
+    def __getattribute__(self, name):
+        if not name.startswith("_"):
+            object.__getattribute__(self, "_read").add(name)
+        return object.__getattribute__(self, name)
+
+
+def test_the_warm_start_cache_key_holds_every_flag_stage_1_reads():
+    """Every flag the warm start reads (spied on while it runs, validation included) is in the key
+    of sft.pt, and changing any of them changes the key."""
+    args = parse("--sft_steps", "25", "--sft_batch", "4", "--max_new_tokens", "6")
+    spy = ReadSpy(**vars(args))
+    object.__setattr__(spy, "_read", set())
+    model = tiny_gpt()
+    run = make_run(model, spy)
+    sdpg.warm_start(run, model, AskedStop(False))
+    read = object.__getattribute__(spy, "_read")
+    key = sdpg.sft_key(make_run(model, args), {"n_layer": 2})
+    assert read and read <= set(key), read - set(key)
+    for k in read:
+        changed = argparse.Namespace(**vars(args))
+        setattr(changed, k, {"dtype": "bfloat16"}.get(k, getattr(args, k) + 1))
+        assert sdpg.sft_key(make_run(model, changed), {"n_layer": 2}) != key, k
+    other_task = make_run(model, args, task=data.AdditionTask(2, eval_size=21))
+    assert sdpg.sft_key(other_task, {"n_layer": 2}) != key
+
+
+def test_a_changed_warm_start_input_is_not_reused(tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    tiny = TINY + ["--sft_until", "0", "--rl_steps", "1", "--out_dir", out]
+    assert run_main(monkeypatch, capsys, tiny).returncode == 0
+    for flags in (["--grad_clip", "0.5"], ["--eval_size", "41"], ["--max_new_tokens", "6"]):
+        p = run_main(monkeypatch, capsys, tiny + flags)
+        assert p.returncode == 0 and "reusing" not in p.stdout, flags
+    assert "reusing" in run_main(monkeypatch, capsys, tiny + ["--max_new_tokens", "6"]).stdout
+
+
+# -----------------------------------------------------------------------------
+# reliability: checkpoints, interrupts, non-finite updates, uneven DDP work, saves that fail
 
 def test_save_atomic_keeps_the_previous_file_when_a_save_dies(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    plumbing.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    sdpg.save_atomic({"step": 1, "w": torch.ones(3)}, path)
     real_save = torch.save
 
     def dying_save(obj, f):  # writes half a file, then the disk fills up
@@ -830,9 +1079,9 @@ def test_save_atomic_keeps_the_previous_file_when_a_save_dies(tmp_path, monkeypa
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError):
-        plumbing.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
+        sdpg.save_atomic({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
-    assert plumbing.load_checkpoint(path, "cpu", ("step",))["step"] == 1
+    assert sdpg.load_checkpoint(path, {"step": int})["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temporary file left behind
 
 
@@ -841,49 +1090,95 @@ class Exploit:
         return (os.system, (f"touch {os.path.join(HERE, 'PWNED')}",))
 
 
-@pytest.mark.parametrize("kind", ["truncated", "foreign", "pickle", "text"])
-def test_bad_checkpoints_give_one_line_and_run_no_pickle(kind, tmp_path):
-    good = tmp_path / "good"
-    assert run_script(TINY + ["--rl_steps", "1", "--out_dir", str(good)]).returncode == 0
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("good")
+    assert run_script(TINY + ["--sft_until", "0", "--rl_steps", "1", "--out_dir", str(out)]).returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["truncated", "foreign", "pickle", "text", "step", "config", "rng", "model_args",
+                                  "weights", "optimizer"])
+def test_bad_checkpoints_give_one_line_and_run_no_pickle(kind, good_checkpoint, tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.pt"
+    ckpt = torch.load(good_checkpoint / "ckpt.pt", weights_only=True)
     if kind == "truncated":
-        bad.write_bytes((good / "ckpt.pt").read_bytes()[:3000])
+        bad.write_bytes((good_checkpoint / "ckpt.pt").read_bytes()[:3000])
     elif kind == "foreign":
         torch.save({"state_dict": {"w": torch.ones(2)}}, bad)
     elif kind == "pickle":
         torch.save({"model": Exploit()}, bad, _use_new_zipfile_serialization=True)
-    else:
+    elif kind == "text":
         bad.write_text("not a checkpoint")
-    p = run_script(TINY + ["--out_dir", str(tmp_path / "o"), "--resume", str(bad)], timeout=60)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode != 0 and len(lines) == 1 and "checkpoint" in lines[0], p.stderr
+    else:  # one field malformed
+        ckpt[kind] = {"step": "3", "config": [1, 2], "rng": "streams", "model_args": 7,
+                      "weights": None, "optimizer": {"state": 5}}[kind] if kind != "weights" else None
+        if kind == "weights":
+            ckpt["model"] = {"wte.weight": torch.zeros(3)}
+        torch.save(ckpt, bad)
+    p = run_main(monkeypatch, capsys, TINY + ["--out_dir", str(tmp_path / "o"), "--resume", str(bad)])
+    assert one_line_error(p, "--resume"), p.stderr
     assert not os.path.exists(os.path.join(HERE, "PWNED"))
 
 
-def test_resume_with_other_model_flags_is_refused_in_one_line(tmp_path):
+@pytest.mark.parametrize("how", ["cuda_labelled", "unlabelled", "wrong_size_as_cpu", "numpy_junk"])
+def test_streams_that_do_not_fit_resume_with_fresh_streams_and_one_line(how, good_checkpoint, tmp_path, monkeypatch, capsys):
+    """A torch.Generator's state is device-specific (a CUDA one is 16 bytes, a CPU one 5056): a
+    checkpoint whose streams come from a GPU, or do not fit, resumes with one line and fresh ones."""
+    ckpt = torch.load(good_checkpoint / "ckpt.pt", weights_only=True)
+    assert [s["device"] for s in ckpt["rng"]] == ["cpu"]
+    s = ckpt["rng"][0]
+    if how == "cuda_labelled":
+        s["torch_gen"], s["device"] = torch.zeros(16, dtype=torch.uint8), "cuda"
+    elif how == "unlabelled":
+        del s["device"]
+    elif how == "wrong_size_as_cpu":  # a 16-byte CUDA state labelled "cpu"
+        s["torch_gen"] = torch.zeros(16, dtype=torch.uint8)
+    else:
+        s["numpy"] = {"bit_generator": "nothing"}
+    path = str(tmp_path / "ckpt.pt")
+    torch.save(ckpt, path)
     out = str(tmp_path / "run")
-    assert run_script(TINY + ["--rl_steps", "1", "--out_dir", out]).returncode == 0
+    p = run_main(monkeypatch, capsys, TINY + ["--sft_until", "0", "--rl_steps", "2", "--out_dir", out, "--resume", path])
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert len([line for line in p.stdout.splitlines() if line.endswith("new random streams")]) == 1
+    expected = "resume: saved with 1 ranks on cuda, running 1 on cpu" if how == "cuda_labelled" else "do not fit"
+    assert expected in p.stdout
+    assert [r["step"] for r in phase(read_log(out), "rl")] == [2]
+
+
+def test_resume_with_other_model_flags_is_refused_in_one_line(good_checkpoint, tmp_path, monkeypatch, capsys):
     flags = [f if f != "32" else "48" for f in TINY]  # --n_embd 48
-    p = run_script(flags + ["--out_dir", out, "--resume", os.path.join(out, "ckpt.pt")], timeout=60)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode != 0 and len(lines) == 1 and "differs" in lines[0]
+    p = run_main(monkeypatch, capsys, flags + ["--out_dir", str(tmp_path), "--resume", str(good_checkpoint / "ckpt.pt")])
+    assert one_line_error(p, "differs"), p.stderr
 
 
-def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path):
+def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+    """From step 2 on every loss is NaN: those updates are skipped (the weights and Adam untouched),
+    and after MAX_BAD_STEPS such steps in a row the run stops with one line, its checkpoint kept."""
+    real_loss, state = sdpg.minibatch_loss, {"k": 0}
+
+    def poisoned(*a, **kw):
+        loss, sums, terms = real_loss(*a, **kw)
+        return (loss * float("nan") if state["k"] >= 2 else loss), sums, terms
+
+    def count_steps(run, k, beta, mb):
+        state["k"] = k
+        return {}
+
     tiny = TINY + ["--sft_until", "0", "--eval_every", "1"]
     one, nan = str(tmp_path / "one"), str(tmp_path / "nan")
-    assert run_script(tiny + ["--rl_steps", "1", "--out_dir", one]).returncode == 0
-    # steps 2 and 3 are poisoned: skipped, weights untouched; the run goes on while under the limit
-    p = run_script(tiny + ["--rl_steps", "3", "--debug_nan_at", "1", "--max_bad_steps", "5", "--out_dir", nan])
-    assert p.returncode == 0, p.stderr
-    assert [r["skipped"] for r in read_log(nan) if r["phase"] == "rl"] == [0, 2, 2]  # 2 mini-batches each
-    a = torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)["model"]
-    b = torch.load(os.path.join(nan, "ckpt.pt"), weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)  # the skipped updates changed nothing
-    # past --max_bad_steps in a row: one line, non-zero exit, the last checkpoint still loadable
-    p = run_script(tiny + ["--rl_steps", "8", "--debug_nan_at", "1", "--max_bad_steps", "2", "--out_dir", nan])
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode != 0 and len(lines) == 1 and "non-finite" in lines[0]
+    run_in_process(monkeypatch, tiny + ["--rl_steps", "1", "--out_dir", one])
+    monkeypatch.setattr(sdpg, "minibatch_loss", poisoned)
+    run_in_process(monkeypatch, tiny + ["--rl_steps", "3", "--out_dir", nan], hook=count_steps)
+    assert [r["skipped"] for r in phase(read_log(nan), "rl")] == [0, 2, 2]  # 2 mini-batches each
+    a = torch.load(os.path.join(one, "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(nan, "ckpt.pt"), weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # skipped: no change
+    monkeypatch.setattr(sdpg, "MAX_BAD_STEPS", 2)
+    with pytest.raises(SystemExit) as e:
+        run_in_process(monkeypatch, tiny + ["--rl_steps", "8", "--out_dir", nan], hook=count_steps)
+    assert e.value.code == 2
     assert torch.load(os.path.join(nan, "ckpt.pt"), weights_only=True)["step"] == 3
 
 
@@ -903,30 +1198,57 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly(tmp_path):
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr
     assert "stopped after step" in stdout
-    last = [r for r in read_log(out) if r["phase"] == "rl"][-1]["step"]
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == last < 100000
+    last = phase(read_log(out), "rl")[-1]["step"]
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == last < 100000 and ckpt["evaluated"] is False  # its evaluation comes on resume
+
+
+@pytest.mark.parametrize("nproc", [None, 2])
+def test_a_save_that_fails_stops_every_rank_with_one_line(nproc, tmp_path):
+    """ckpt.pt cannot be written (here its temporary file's name is taken by a directory): every
+    rank stops at once with the same line, not rank 0 alone while the others wait."""
+    out = tmp_path / "run"
+    os.makedirs(out / "ckpt.pt.tmp")
+    p = run_script(TINY + ["--sft_until", "0", "--out_dir", str(out)], nproc=nproc, timeout=120)
+    assert p.returncode != 0 and f'File "{os.path.join(HERE, "sdpg.py")}"' not in p.stderr  # no traceback of ours
+    lines = [line for line in p.stderr.splitlines() if "sdpg.py: error: saving" in line]
+    assert len(lines) == 1 and "ckpt.pt" in lines[0] and "Is a directory" in lines[0], p.stderr[-3000:]
+    assert [r["step"] for r in phase(read_log(out), "rl")] == [1, 2]  # stopped at the first save
+    assert nproc is None or "exitcode  : 2" in p.stderr  # rank 0 left with the line, not a signal
+
+
+def test_a_failed_save_on_rank_0_stops_the_other_ranks_too(tmp_path, monkeypatch, capsys):
+    """save_or_stop on rank 1: rank 0's failure reaches it through the broadcast, and it leaves
+    with the same exit (the line is printed once, by rank 0)."""
+    monkeypatch.setattr(sdpg.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sdpg.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, "saving x: full"))
+    with pytest.raises(SystemExit) as e:
+        sdpg.save_or_stop(make_run(tiny_gpt(), rank=1, world_size=2), lambda: 1 / 0, str(tmp_path / "x"))
+    assert e.value.code == 2 and not os.path.exists(tmp_path / "x")  # rank 1 never writes
+    monkeypatch.setattr(sdpg.dist, "broadcast_object_list", lambda box, src: None)  # rank 0 saved: go on
+    sdpg.save_or_stop(make_run(tiny_gpt(), rank=1, world_size=2), lambda: 1 / 0, str(tmp_path / "x"))
 
 
 DDP_SCRIPT = r'''
 import os, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 sys.path.insert(0, sys.argv[1])
-import plumbing, sdpg, test_sdpg
+import sdpg, test_sdpg
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = test_sdpg.tiny_gpt(torch.float64)
-args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.1", "--opd_gate", "positive", "--device", "cpu"]))  # gloo, CPU tensors
+args = test_sdpg.parse("--alpha", "0.1", "--opd_gate", "positive", "--device", "cpu")  # gloo, CPU tensors
 # rank 0: 3 rollouts of 4 tokens, positive advantages; rank 1: 3 rollouts of 7 tokens, none positive,
 # so the ranks differ in response length and in gated tokens
 batches = []
 for r, (n_tok, sign) in enumerate([(4, 1.0), (7, -1.0)]):
-    mb = test_sdpg.fixed_rollouts(model, 3, seed=10 + r)
-    mb = {k: (v.double() if v.is_floating_point() else v) for k, v in mb.items()}
-    mb = {k: (v[:, :n_tok] if v.dim() >= 2 and k != "student" else v) for k, v in mb.items()}
-    mb["adv"] = sign * mb["adv"].abs()
+    mb = test_sdpg.double(test_sdpg.fixed_rollouts(model, 3, seed=10 + r))
+    cut = {k: v[:, :n_tok] for k, v in vars(mb).items() if torch.is_tensor(v) and v.dim() >= 2 and k not in ("x", "cx", "w_teacher")}
+    mb = test_sdpg.dataclasses.replace(mb, **cut)
+    mb.adv = sign * mb.adv.abs()
     batches.append(mb)
 # reference: one process holding both batches, token-mean over all their tokens
-n_all = sum(b["mask"].sum().item() for b in batches)
+n_all = sum(b.mask.sum().item() for b in batches)
 model.zero_grad()
 sum(sdpg.minibatch_loss(model, model.lm_head_weight, b, args, 0.3, n_all, 1)[0] for b in batches).backward()
 ref = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -934,7 +1256,7 @@ ref = torch.cat([p.grad.flatten() for p in model.parameters()])
 model.zero_grad()
 ddp = DDP(model)
 mine = batches[rank]
-n_global = plumbing.all_sum(mine["mask"].sum().clone()).item()
+n_global = sdpg.all_sum(mine.mask.sum().clone()).item()
 loss, _, _ = sdpg.minibatch_loss(ddp, model.lm_head_weight, mine, args, 0.3, n_global, 2)
 loss.backward()
 got = torch.cat([p.grad.flatten() for p in model.parameters()])
@@ -957,12 +1279,72 @@ def test_ddp_two_processes_with_uneven_lengths_and_gates_match_one_process(tmp_p
     assert "rank 0 OK" in p.stdout and "rank 1 OK" in p.stdout
 
 
+NODE_SCRIPT = r'''
+import hashlib, json, os, sys
+sys.path.insert(0, sys.argv[1])
+import sdpg
+seen = {}
+def hook(run, k, beta, mb):
+    seen.update(world_size=run.world_size, rank=run.rank)
+run = sdpg.main(sys.argv[2:], hook=hook)
+weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in run.model.parameters()))
+out = os.path.join(os.environ["NODE_OUT"], f"node{os.environ['GROUP_RANK']}.json")
+json.dump({**seen, "weights": weights.hexdigest()}, open(out, "w"))
+'''
+
+
+def test_two_nodes_under_torchrun_agree_on_the_world_and_the_weights(tmp_path):
+    """torchrun --nnodes 2 --nproc_per_node 1, twice on this machine with the rendezvous on
+    127.0.0.1, as two machines would run it: both nodes see a world of 2 and end with the same
+    weights (each node has its own output directory, as on separate machines)."""
+    import socket
+    script = tmp_path / "node.py"
+    script.write_text(NODE_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NODE_OUT": str(tmp_path)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               str(script), HERE, "--device", "cpu", "--out_dir", str(tmp_path / f"out{node}")] + TINY
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE))
+    results = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results[0][1][-2000:] + results[1][1][-2000:]
+    nodes = [json.load(open(tmp_path / f"node{i}.json")) for i in (0, 1)]
+    assert [n["world_size"] for n in nodes] == [2, 2] and sorted(n["rank"] for n in nodes) == [0, 1]
+    assert nodes[0]["weights"] == nodes[1]["weights"]
+    assert read_log(str(tmp_path / "out0"))[0]["world_size"] == 2
+
+
+def test_the_hook_sees_on_policy_rollouts_scored_by_pi_old_and_pi_ref(tmp_path, monkeypatch):
+    """At each step's first mini-batch, before its update, old_logp is the current weights'
+    log-prob of the sampled tokens (pi_old = the weights that sampled) and ref_logp pi_ref's;
+    the teacher's hidden states are the current weights' reading of c + x."""
+    seen = []
+
+    def hook(run, k, beta, mb):
+        G = run.args.group_size
+        logp = run.model.token_logprobs(mb.x[::G], mb.resp, G)
+        ref = run.ref_model.token_logprobs(mb.x[::G], mb.resp, G)
+        teacher = run.model.score(mb.cx[::G], mb.resp, G)
+        m = mb.mask.bool()
+        seen.append(((logp - mb.old_logp)[m].abs().max().item(), (ref - mb.ref_logp)[m].abs().max().item(),
+                     (teacher - mb.h_teacher).abs().max().item(), (logp - ref)[m].abs().max().item()))
+        return {}
+
+    run_in_process(monkeypatch, TINY + ["--sft_until", "0", "--out_dir", str(tmp_path)], hook=hook)
+    assert len(seen) == 3 and all(max(s[:3]) < 1e-5 for s in seen)
+    assert seen[0][3] < 1e-5 < seen[-1][3]  # pi_theta = pi_ref at step 1 only
+
+
 @pytest.mark.parametrize("context", [["answer"], ["hint"], ["partial"], ["noisy", "0.5"], ["irrelevant"]])
 def test_no_teacher_only_token_reaches_the_student_in_a_real_run(context, tmp_path, monkeypatch):
-    """Run sdpg.py in this process with spies on the model, for every kind of context: every batch
-    given to generate() (rollouts and the student side of evaluation) and every pi_old / pi_ref
-    scoring prompt is hint-free; the hint appears only in teacher prompts, which are exactly c + the
-    student prompt, with c of the kind asked for."""
+    """Run tools/extras.py in this process with spies on the model, for every kind of context:
+    every batch given to generate() (rollouts and the student side of evaluation) and every pi_old
+    / pi_ref scoring prompt is hint-free; the hint appears only in teacher prompts, which are
+    exactly c + the student prompt, with c of the kind asked for."""
     hint = ENC.encode_single_token(data.HINT)
     calls = {"generate": [], "score": []}
     orig_generate, orig_score = GPT.generate, GPT.score
@@ -978,7 +1360,8 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(context, tmp_pa
     monkeypatch.setattr(GPT, "generate", generate)
     monkeypatch.setattr(GPT, "score", score)
     flags = ["--context", context[0]] + (["--context_noise", context[1]] if len(context) > 1 else [])
-    run_in_process(monkeypatch, TINY + flags + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"])
+    run_in_process(monkeypatch, TINY + flags + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"],
+                   entry=extras.main)
     steps, G, minibatches = 3, 4, 2  # TINY's --rl_steps, --group_size, and the default --num_minibatches
     sampled = [p for p, n in calls["generate"] if n > 1]  # rollouts and the sampled evaluation
     assert all(not (p == hint).any() for p in sampled)  # both sample from the student view only
@@ -998,10 +1381,12 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(context, tmp_pa
             a, b = int(x[:2]), int(x[3:5])
             y = data.answer_text(a, b)
             n_wrong += c != y
-            assert {"answer": c == y, "hint": c == data.carry_text(a, b), "irrelevant": c != y,
+            assert {"answer": c == y, "hint": c == extras.carry_text(a, b), "irrelevant": c != y,
                     "partial": c.count("?") == 1 and all(u in ("?", v) for u, v in zip(c, y)),
                     "noisy": sum(u != v for u, v in zip(c, y)) <= 1}[context[0]]
     assert context[0] != "noisy" or 0 < n_wrong < sum(len(p) for p in teacher_scores)
+    rl = phase(read_log(str(tmp_path / "run")), "rl")  # the hook's fields are logged with the steps
+    assert all("wrong_kl_share" in r for r in rl) and [("grad_norm_out" in r) for r in rl] == [True, False, True]
 
 
 class ReverseTask:
@@ -1034,22 +1419,19 @@ class ReverseTask:
 
 
 def test_a_task_of_your_own_trains_end_to_end(tmp_path, monkeypatch):
-    """The README's recipe for a new task: an object with the six members, put where AdditionTask is
-    built. sdpg.py runs both stages on it, and its prompts reach the model as the task wrote them."""
+    """The README's recipe for a new task: an object with the six members, given to sdpg.main.
+    sdpg.py runs both stages on it, and its prompts reach the model as the task wrote them."""
     seen = spy_on_generate(monkeypatch)
-    monkeypatch.setattr(data, "AdditionTask", lambda digits, eval_size, context, noise: ReverseTask(eval_size))
     out = tmp_path / "run"
-    run_in_process(monkeypatch, TINY + ["--out_dir", str(out), "--sft_until", "0"])
+    run_in_process(monkeypatch, TINY + ["--out_dir", str(out), "--sft_until", "0"], task=ReverseTask(40))
     log = read_log(str(out))
-    assert [r["step"] for r in log if r["phase"] == "rl"] == [1, 2, 3]
-    assert all(0 <= r["eval_acc"] <= 1 for r in log if r["phase"] == "eval")
+    assert [r["step"] for r in phase(log, "rl")] == [1, 2, 3]
     rollout_prompts = {ENC.decode(row.tolist()) for p in seen if p.size(1) == 5 for row in p}
     assert rollout_prompts and all(len(t) == 5 and t.endswith("=") and set(t[:4]) <= set("abcdefgh") for t in rollout_prompts)
 
 
 def test_plot_draws_a_png_and_rejects_a_non_log(tmp_path):
     pytest.importorskip("matplotlib")
-    sys.path.insert(0, os.path.join(HERE, "tools"))
     import plot
     out = plot.plot([os.path.join(HERE, "results", "sdpg_default_cpu.jsonl")], str(tmp_path / "curves.png"))
     with open(out, "rb") as f:
@@ -1060,7 +1442,6 @@ def test_plot_draws_a_png_and_rejects_a_non_log(tmp_path):
 
 def test_plot_summary_tables_match_the_log(tmp_path):
     """--summary: the evaluation row and the first-ten-steps mean, from a made-up log worked by hand."""
-    sys.path.insert(0, os.path.join(HERE, "tools"))
     import plot
     path = tmp_path / "log.jsonl"
     rl = [{"phase": "rl", "step": k, "reward": k / 20, "dt": 0.1 * k} for k in range(1, 21)]
@@ -1075,10 +1456,9 @@ def test_plot_summary_tables_match_the_log(tmp_path):
 def test_worked_example_numbers_agree_with_each_other():
     """tools/worked_example.py: advantages sum to 0 in the group, only A > 0 rows are distilled, and the
     distillation term is beta times the gated per-token KLs of the table over the group's tokens."""
-    sys.path.insert(0, os.path.join(HERE, "tools"))
     import worked_example
     model = tiny_gpt()
-    args = sdpg.resolve(sdpg.parser.parse_args(["--group_size", "4"]))
+    args = parse("--group_size", "4")
     task = data.AdditionTask(eval_size=1)
     ex = worked_example.worked_example(model, ENC, task, (7, 96), args, seed=0)
     advs = [r["adv"] for r in ex["rollouts"]]
@@ -1090,7 +1470,6 @@ def test_worked_example_numbers_agree_with_each_other():
 
 
 def test_teacher_signal_table_matches_full_forwards():
-    sys.path.insert(0, os.path.join(HERE, "tools"))
     import teacher_signal
     model = tiny_gpt(torch.float64)
     student, teacher, targets = encode([7], [96], 2)
@@ -1108,7 +1487,6 @@ def test_teacher_signal_table_matches_full_forwards():
 def test_study_table_against_hand_computed_seed_statistics(tmp_path):
     """Two arms x two seeds of made-up curves: mean +- sample std, steps to target, and the gaps to
     GRPO of the same seed, worked by hand."""
-    sys.path.insert(0, os.path.join(HERE, "tools"))
     import study
     curves = {("grpo", 0): [0.1, 0.2, 0.3], ("grpo", 1): [0.1, 0.3, 0.5],
               ("paper_urkl", 0): [0.1, 0.4, 0.5], ("paper_urkl", 1): [0.1, 0.3, 0.4]}
@@ -1139,7 +1517,6 @@ def test_contexts_summary_against_hand_computed_gaps_and_shares():
     """tools/contexts.py on made-up runs of one context, two seeds: the gaps are paired on the seed at
     step 40 and at the end; the KL share on the first wrong token is weighted by each step's KL; the
     A>0 ratio is the mean over steps with A>0 tokens of their KL per token, over the mean KL per token."""
-    sys.path.insert(0, os.path.join(HERE, "tools"))
     import contexts
 
     def run(accs, teacher=0.8, rl=()):
@@ -1328,7 +1705,7 @@ def fake_gpus(monkeypatch, n):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
-    monkeypatch.setattr(plumbing.dist, "init_process_group", lambda **kw: calls.append(("init_process_group", kw)))
+    monkeypatch.setattr(sdpg.dist, "init_process_group", lambda **kw: calls.append(("init_process_group", kw)))
     return calls
 
 
@@ -1339,7 +1716,7 @@ def as_torchrun_rank(monkeypatch, rank, nproc):
 
 
 def device_args(device):
-    return sdpg.resolve(sdpg.parser.parse_args(["--device", device]))
+    return parse("--device", device)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -1349,7 +1726,7 @@ def test_more_torchrun_processes_than_gpus_stop_every_rank_with_one_line(rank, m
     calls = fake_gpus(monkeypatch, 1)
     as_torchrun_rank(monkeypatch, rank, 2)
     with pytest.raises(SystemExit) as e:
-        plumbing.setup_distributed(device_args("auto"))
+        sdpg.setup_distributed(device_args("auto"))
     assert e.value.code == 2 and calls == []
     lines = capsys.readouterr().err.strip().splitlines()
     if rank == 0:
@@ -1379,52 +1756,28 @@ def test_the_gpu_is_set_before_nccl_binds_to_it(device, ranks, expected, monkeyp
     args = device_args(device)
     if isinstance(expected, str):
         with pytest.raises(SystemExit):
-            plumbing.validate(args)
-            plumbing.setup_distributed(args)
+            sdpg.validate(args)
+            sdpg.setup_distributed(args)
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and calls == []
         return
-    plumbing.validate(args)
-    rank, local_rank, world_size, dev, use_cuda = plumbing.setup_distributed(args)
+    sdpg.validate(args)
+    rank, local_rank, world_size, dev, use_cuda = sdpg.setup_distributed(args)
     expected = [(name, torch.device(a) if name == "set_device" else
                  {k: torch.device(v) if k == "device_id" else v for k, v in a.items()}) for name, a in expected]
     assert calls == expected
     assert dev == (expected[0][1] if use_cuda else torch.device("cpu")) and world_size == (ranks[1] if ranks else 1)
 
 
-def test_resume_of_a_checkpoint_from_another_device_type_starts_new_streams(tmp_path):
-    """A torch.Generator's state is device-specific (a CUDA one is 16 bytes, a CPU one 5056): a
-    checkpoint whose streams come from a GPU resumes on a CPU with one line and fresh streams, like a
-    changed world size, whether it names its device type or, written before that key, does not."""
-    tiny = TINY + ["--sft_until", "0"]
-    out = str(tmp_path / "run")
-    assert run_script(tiny + ["--rl_steps", "1", "--out_dir", out]).returncode == 0
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert [s["device"] for s in ckpt["rng"]] == ["cpu"]
-    for labelled in (True, False):
-        for s in ckpt["rng"]:
-            s["torch_gen"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
-            s.pop("device", None)
-            if labelled:
-                s["device"] = "cuda"
-        path = str(tmp_path / f"gpu_{labelled}.pt")
-        torch.save(ckpt, path)
-        p = run_script(tiny + ["--rl_steps", "2", "--out_dir", out, "--resume", path])
-        assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
-        assert [line for line in p.stdout.splitlines() if "random streams" in line] == [
-            "resume: saved on cuda, running on cpu: new random streams"]
-        assert [r["step"] for r in read_log(out) if r["phase"] == "rl"][-1] == 2
-
-
 def test_bfloat16_on_cpu_runs_and_its_warm_start_is_not_reused_in_float32(tmp_path):
     out = str(tmp_path / "run")
-    tiny = TINY + ["--sft_until", "0", "--diag_every", "1", "--out_dir", out]
+    tiny = TINY + ["--sft_until", "0", "--out_dir", out]
     p = run_script(tiny + ["--dtype", "bfloat16"])
     assert p.returncode == 0, p.stderr
     log16 = read_log(out)
     rl16 = [r for r in log16 if r["phase"] == "rl"]
     assert log16[0]["dtype"] == "bfloat16" and len(rl16) == 3
-    for key in ["loss", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref", "entropy", "grad_norm_opd", "exact_teacher"]:
+    for key in ["loss", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref", "entropy"]:
         assert all(math.isfinite(r[key]) for r in rl16), key
     p = run_script(tiny)  # the CPU default, float32, in the same out_dir: its own warm start
     assert p.returncode == 0, p.stderr
@@ -1439,11 +1792,13 @@ def test_gradient_cosine_is_float32_under_autocast():
     still be fp32, not a bf16 dot product (CPU autocast lowers a dot product in the same way)."""
     model = tiny_gpt(torch.float32)
     mb = fixed_rollouts(model, 8, seed=3)
-    args = sdpg.resolve(sdpg.parser.parse_args(["--alpha", "0.2", "--opd_gate", "all", "--group_size", "1"]))
+    args = parse("--alpha", "0.2", "--opd_gate", "all")
+    args.group_size = 1  # every fixed rollout has its own prompt
     params = list(model.parameters())
+    mb = dataclasses.replace(mb, n_tokens=mb.mask.sum().item())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, mb["mask"].sum().item(), 1)
-        diag = plumbing.loss_diagnostics(model, model, mb, terms, args, 1)
+        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, mb.n_tokens, 1)
+        diag = extras.loss_diagnostics(make_run(model, args, ctx=torch.autocast("cpu", dtype=torch.bfloat16)), 0.3, mb)
     g = {k: torch.cat([x.flatten() for x in torch.autograd.grad(terms[k], params, retain_graph=True)]).double()
          for k in ("out", "opd")}
     assert diag["grad_cos_out_opd"] == pytest.approx((g["out"] @ g["opd"] / (g["out"].norm() * g["opd"].norm())).item(), abs=1e-6)
@@ -1466,14 +1821,13 @@ def test_warm_start_asks_the_ranks_to_stop_every_25_steps_under_ddp(ddp, tmp_pat
     """One process reads its Ctrl-C flag after every step (no collective, the same stops as before);
     under DDP the ranks' all-reduce of it comes every 25 steps and at the last step."""
     if ddp:  # a process group of one, as far as warm_start can tell
-        monkeypatch.setattr(plumbing.dist, "is_initialized", lambda: True)
-        monkeypatch.setattr(plumbing.dist, "all_reduce", lambda t: t)
-    args = sdpg.resolve(sdpg.parser.parse_args(["--sft_steps", "60", "--sft_batch", "4", "--sft_until", "0"]))
+        monkeypatch.setattr(sdpg.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(sdpg.dist, "all_reduce", lambda t: t)
+    args = parse("--sft_steps", "60", "--sft_batch", "4", "--sft_until", "0")
     task = data.AdditionTask(2, eval_size=10)
     for answer, asked in ((False, [3] if ddp else [60]), (True, [1])):
         model, log = tiny_gpt(), []
         stop = AskedStop(answer)
-        done = plumbing.warm_start(model, model, args, ENC, task, str(tmp_path / "sft.pt"), {"model_args": {}}, stop,
-                                   log.append, "cpu", torch.autocast("cpu", enabled=False), 0, 1)
+        done, _ = sdpg.warm_start(make_run(model, args, task, log=log.append), model, stop)
         assert [stop.asked] == asked and done is not answer
         assert [r["step"] for r in log] == ([] if answer else [60])

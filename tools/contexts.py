@@ -8,7 +8,7 @@ context and seed; a markdown table and a figure.
     python tools/contexts.py --quick              # a subset: 4 arms x 4 contexts x seed 0 (22 min, 2 cores)
     python tools/contexts.py --report             # table and figure again from results/contexts/
 
-The contexts (sdpg.py --context, data.context_text): the answer; the carries (a hint that is not
+The contexts (tools/extras.py --context, extras.context_text): the answer; the carries (a hint that is not
 the answer); the answer with half its digits hidden; the answer with one digit wrong at chance 0.1,
 0.3 and 0.6; another problem's answer. The warm start teaches the teacher view with the same kind
 of context at the same noise, so the teacher knows how far to trust it; the student view never
@@ -16,7 +16,7 @@ sees any of it. GRPO and the beta-0 control never read the context, but they sta
 warm start as the SDPG arms of that context and seed; the gap of the release recipe to itself with
 beta 0 isolates what the distillation term does, the gap to GRPO is the one the paper reports.
 
-Each run is study.py's: `python sdpg.py <context flags> <study COMMON flags> <arm flags> --seed S`,
+Each run is study.py's: `python tools/extras.py <context flags> <study COMMON flags> <arm flags> --seed S`,
 200 RL steps, greedy evaluations every 20. Full logs stay in out/contexts/<context>/<arm>_s<seed>/;
 the fields used are collected into results/contexts/<context>.jsonl. A finished run is kept.
 """

@@ -66,7 +66,7 @@ def plot_estimators(path, out):
     import matplotlib.pyplot as plt
     diag = [r for r in read_log(path) if r.get("phase") == "rl" and "exact_ref" in r]
     if not diag:
-        raise ValueError(f"{path}: no diagnostic records (run with --diag_every > 0)")
+        raise ValueError(f"{path}: no diagnostic records (run tools/extras.py with --diag_every > 0)")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, pair, title in zip(axes, ("teacher", "ref"), ("student vs privileged teacher", "policy vs reference")):
         for est, style in (("exact", "k-"), ("k1", "C0--"), ("k2", "C1-."), ("k3", "C2:")):
@@ -98,8 +98,7 @@ def summary(path):
     n = next((k[5:] for k in evals[0] if k.startswith("mean@") and not k.endswith("ci95")), None) if evals else None
     rows = [("`eval_acc` (student, greedy)", "eval_acc"), ("`teacher_acc` (privileged view, greedy)", "teacher_acc")]
     if n:
-        rows[1:1] = [(f"`mean@{n}` (student, temperature 1)", f"mean@{n}"), (f"95% interval of `mean@{n}`", f"mean@{n}_ci95"),
-                     (f"`pass@{n}`", f"pass@{n}")]
+        rows[1:1] = [(f"`mean@{n}` (student, temperature 1)", f"mean@{n}"), (f"95% interval of `mean@{n}`", f"mean@{n}_ci95")]
     out = ["| RL step | " + " | ".join(str(r["step"]) for r in evals) + " |", "|---" * (len(evals) + 1) + "|"]
     out += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for r in evals) + " |" for name, k in rows]
     out += ["", "| metric | first 10 steps | last 10 steps |", "|---|---|---|"]

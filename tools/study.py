@@ -8,7 +8,8 @@ two regimes, from one cached warm start per seed and regime; markdown tables and
     python tools/study.py --arms grpo rlsd opd    # baselines beyond the main five (EXTRA)
     python tools/study.py --report                # tables and figure again from results/study/*.jsonl
 
-Each run is `python sdpg.py <regime flags> <arm flags> --seed S`, one thread each, --jobs at a
+Each run is `python tools/extras.py <regime flags> <arm flags> --seed S` (sdpg.py with the study's
+logs: loss diagnostics, where the distillation KL falls; see extras.py), one thread each, --jobs at a
 time. The warm start of each (regime, seed) runs once; every arm of that seed starts RL from a
 copy of its sft.pt (sdpg.py checks the copy's key and prints "reusing"; the study stops if not).
 Full logs stay in out/study/<regime>/<arm>_s<seed>/; the fields the tables and figure use are
@@ -82,7 +83,9 @@ def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None):
                 os.makedirs(out, exist_ok=True)
                 if phase == "runs":  # every arm of a seed starts from the same warm-start weights
                     shutil.copy(os.path.join(out_root, regime, f"warm_s{seed}", "sft.pt"), os.path.join(out, "sft.pt"))
-                cmd = [sys.executable, os.path.join(ROOT, "sdpg.py"), *flags, *extra, "--seed", str(seed), "--out_dir", out]
+                # tools/extras.py is sdpg.py plus the study's logs (diagnostics, where the KL falls, contexts)
+                cmd = [sys.executable, os.path.join(ROOT, "tools", "extras.py"), *flags, *extra, "--seed", str(seed),
+                       "--out_dir", out]
                 with open(os.path.join(out, "stdout.txt"), "w") as f:
                     active.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), out, phase))
             time.sleep(1)

@@ -4,8 +4,8 @@ response token by token with p(token) under the student view, q(token) under the
 (which also reads the answer), and the exact full-vocabulary KL(p || q) at that position: the
 per-token signal the SDPG distillation term trains on.
 
-    python teacher_signal.py out/ckpt.pt 7 96              # greedy response to 07+96=
-    python teacher_signal.py out/ckpt.pt 7 96 --sample 3   # three samples at the run's temperature
+    python tools/teacher_signal.py out/ckpt.pt 7 96              # greedy response to 07+96=
+    python tools/teacher_signal.py out/ckpt.pt 7 96 --sample 3   # three samples at the run's temperature
 """
 import argparse
 import os
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 from data import AdditionTask, decode_response, encode_batch, get_encoding  # noqa: E402
 from model import GPT, GPTConfig, chunked_token_logprobs, fused_reverse_kl  # noqa: E402
-from plumbing import load_checkpoint  # noqa: E402
+from sdpg import load_checkpoint  # noqa: E402
 
 
 def signal_table(model, enc, task, a, b, resp, temperature=1.0, seed=0):
@@ -50,21 +50,21 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     try:
-        ckpt = load_checkpoint(args.ckpt, "cpu", ("model", "model_args"))
-        cfg = ckpt.get("config") or ckpt.get("key") or {}  # ckpt.pt has the run's config, sft.pt its warm-start key
-        enc = get_encoding(cfg.get("tokenizer", "bytes"))
+        ckpt = load_checkpoint(args.ckpt, {"model": dict})
     except ValueError as e:
         sys.exit(f"teacher_signal.py: error: {e}")
-    digits = cfg.get("digits", 2)
+    cfg = ckpt.get("config") or ckpt.get("key") or {}  # ckpt.pt has the run's config, sft.pt its warm-start key
+    model_args, enc = ckpt.get("model_args") or cfg["model_args"], get_encoding()
+    max_new = cfg.get("max_new_tokens", 8)
+    digits = cfg.get("digits", (model_args["block_size"] - max_new - 5) // 3)  # c + x: 3d + 5 tokens
     if not (0 <= args.a < 10 ** digits and 0 <= args.b < 10 ** digits):
         sys.exit(f"teacher_signal.py: error: operands must have at most {digits} digits (the checkpoint's task)")
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model = GPT(GPTConfig(**model_args))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    task = AdditionTask(digits, 1, cfg.get("context", "answer"), cfg.get("context_noise", 0.0))
+    task = AdditionTask(digits, 1)
     student = encode_batch(enc, task, [(args.a, args.b)], np.random.default_rng(args.seed))[0]
     answers = [task.answer((args.a, args.b))]
-    max_new = cfg.get("max_new_tokens", digits + 3)
     T = cfg.get("temperature", 1.0)
     gen = torch.Generator().manual_seed(args.seed)
     resp, _ = model.generate(torch.tensor(student), max_new, enc.eot_token, max(1, args.sample),

@@ -5,7 +5,11 @@ the exact KL(p || q), and the value of each loss term. Also what the stop-gradie
 removes: the part of the distillation gradient that would move the teacher view instead.
 
     python tools/worked_example.py out/sft.pt            # 7 + 96, the README's example
+    python tools/worked_example.py out/sft.pt --figure results/worked_example.png
     python tools/worked_example.py out/ckpt.pt --a 38 --b 45 --seed 1
+
+--figure draws the same group as one picture (needs matplotlib): per rollout and token the
+student's p, the teacher's q and the KL, with the rollouts the gate keeps marked.
 
 The checkpoint is used as pi_theta, pi_old and pi_ref alike, as at the first update of RL: the ratio
 is 1 and the reference penalty 0. Recipe flags of sdpg.py (--recipe, --opd_gate, --beta, ...) may follow.
@@ -21,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import sdpg  # noqa: E402
 from data import AdditionTask, decode_response, encode_batch, get_encoding  # noqa: E402
 from model import GPT, GPTConfig, chunked_token_logprobs, response_logits  # noqa: E402
-from plumbing import first_wrong, load_checkpoint  # noqa: E402
 
 
 def worked_example(model, enc, task, problem, args, seed):
@@ -41,9 +44,9 @@ def worked_example(model, enc, task, problem, args, seed):
         logp = chunked_token_logprobs(hs.flatten(0, 1), W, resp.flatten(), T).view(resp.shape)
         logq = chunked_token_logprobs(ht.flatten(0, 1), W, resp.flatten(), T).view(resp.shape)
         kl = sdpg.full_vocab_reverse_kl(hs @ W.T / T, ht @ W.T / T)  # (G, Tr)
-    mb = {"student": x.repeat_interleave(G, 0), "resp": resp, "mask": mask, "adv": adv, "old_logp": logp,
-          "ref_logp": logp, "h_teacher": ht, "is_eot": resp == enc.eot_token,
-          "first_wrong": first_wrong(resp, mask, torch.tensor(target).repeat_interleave(G, 0))}
+    mb = sdpg.Rollouts([problem], x.repeat_interleave(G, 0), cx.repeat_interleave(G, 0), resp, mask,
+                       resp == enc.eot_token, rewards, old_logp=logp, ref_logp=logp, adv=adv,
+                       h_teacher=ht, w_teacher=W.detach())
     n_tok = mask.sum().item()
     loss, _, terms = sdpg.minibatch_loss(model, W, mb, args, args.beta, n_tok, 1)
     params = [p for p in model.parameters()]
@@ -55,7 +58,7 @@ def worked_example(model, enc, task, problem, args, seed):
     # the stop-gradient: d KL / d theta through the student side (what SDPG uses) and through the
     # teacher side (what a loss without SG would add), on the tokens the gate keeps
     gate = (adv > 0).float()[:, None] * mask if args.opd_gate == "positive" else mask
-    zs = response_logits(model, mb["student"], resp) / T
+    zs = response_logits(model, mb.x, resp) / T
     zt = response_logits(model, cx.repeat_interleave(G, 0), resp) / T
     side = {}
     for name, (a, b) in {"student": (zs, zt.detach()), "teacher": (zs.detach(), zt)}.items():
@@ -79,6 +82,35 @@ def worked_example(model, enc, task, problem, args, seed):
             "term_grad_norms": term_grad,
             "grad_norm_student_side": side["student"].norm().item(),
             "grad_norm_teacher_side": side["teacher"].norm().item(), "grad_cos_sides": cos}
+
+
+def figure(ex, args, path):
+    """The group as one picture: a row per rollout, a column per token, each cell the token with
+    p / q under it, shaded by the KL; the rollouts the gate keeps are marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = ex["rollouts"]
+    width = max(len(r["tokens"]) for r in rows)
+    kl = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        kl[i, :len(r["tokens"])] = [t["kl"] for t in r["tokens"]]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.5 * width, 0.7 + 0.55 * len(rows)))
+    im = ax.imshow(kl, cmap="Oranges", vmin=0, aspect="auto")
+    for i, r in enumerate(rows):
+        for t, tok in enumerate(r["tokens"]):
+            ax.text(t, i, f"{tok['token']}\n{tok['p']:.2f} / {tok['q']:.2f}", ha="center", va="center",
+                    fontsize=8)
+    ax.set_yticks(range(len(rows)), [f"{i}: A {r['adv']:+.2f}" + ("  distilled" if r["gated_in"] else "")
+                                     for i, r in enumerate(rows)], fontsize=8)
+    ax.set_xticks(range(width), [f"token {t + 1}" for t in range(width)], fontsize=8)
+    ax.set_title(f"{ex['prompt']} (answer {ex['answer']} reversed): token, student p / teacher q; "
+                 f"shade: KL(p||q); gate {args.opd_gate}", fontsize=9)
+    fig.colorbar(im, ax=ax, label="KL(p || q) at the position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def markdown(ex, args):
@@ -106,21 +138,25 @@ if __name__ == "__main__":
     p.add_argument("--b", type=int, default=96)
     p.add_argument("--seed", type=int, default=None, help="seed of the rollout sampling (default: the first of 0, 1, "
                    "2, ... whose group has both correct and wrong rollouts)")
+    p.add_argument("--figure", default="", help="also draw the group to this PNG (needs matplotlib)")
     mine, rest = p.parse_known_args()
     try:
-        ckpt = load_checkpoint(mine.ckpt, "cpu", ("model", "model_args"))
+        ckpt = sdpg.load_checkpoint(mine.ckpt, {"model": dict})
     except ValueError as e:
         sys.exit(f"worked_example.py: error: {e}")
-    cfg = ckpt.get("config") or ckpt.get("key") or {}  # ckpt.pt has the run's config, sft.pt its warm-start key
+    model_args = ckpt.get("model_args") or ckpt.get("key", {}).get("model_args")  # ckpt.pt, sft.pt
     args = sdpg.resolve(sdpg.parser.parse_args(rest))
-    enc = get_encoding(cfg.get("tokenizer", "bytes"))
-    task = AdditionTask(cfg.get("digits", 2), eval_size=1)
+    enc = get_encoding()
+    digits = (model_args["block_size"] - args.max_new_tokens - 5) // 3  # c + x: 2d + 2 + d + 3
+    task = AdditionTask(digits, eval_size=1)
     if not all(0 <= v < 10 ** task.digits for v in (mine.a, mine.b)):
         sys.exit(f"worked_example.py: error: operands must have at most {task.digits} digits (the checkpoint's task)")
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model = GPT(GPTConfig(**model_args))
     model.load_state_dict(ckpt["model"])
     for seed in [mine.seed] if mine.seed is not None else range(100):
         ex = worked_example(model, enc, task, (mine.a, mine.b), args, seed)
         if mine.seed is not None or 0 < sum(r["reward"] for r in ex["rollouts"]) < args.group_size:
             break
     print(f"(rollout seed {seed})\n" + markdown(ex, args))
+    if mine.figure:
+        print(f"figure: {figure(ex, args, mine.figure)}")
