@@ -230,7 +230,7 @@ def _log_softmax(hidden, weight, temperature):
 
 
 class FusedReverseKL(torch.autograd.Function):
-    """KL(p || SG q) per row, p = softmax(hs @ W.T / T), q = softmax(ht @ Wt.T / T), chunk by chunk.
+    """KL(p || SG q) per row, p = softmax(hs @ W.T / tau), q = softmax(ht @ Wt.T / tau), chunk by chunk.
     Backward recomputes each chunk and applies the closed form dKL/dz = p (log p - log q - KL)
     (z the student's scaled logits), so at most one (chunk, V) block is alive at a time."""
 
@@ -265,17 +265,17 @@ class FusedReverseKL(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_kl):
         hs, ht, weight, teacher_weight, kl = ctx.saved_tensors
-        T, C = ctx.temperature, ctx.chunk_size
+        tau, C = ctx.temperature, ctx.chunk_size
         grad_hs = torch.zeros_like(hs)
         grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
         for i in range(0, hs.size(0), C):
             if ctx.dkl_dz is not None:
                 dkl_dz = ctx.dkl_dz
             else:
-                logp = _log_softmax(hs[i:i + C], weight, T)
-                logq = _log_softmax(ht[i:i + C], teacher_weight, T)
+                logp = _log_softmax(hs[i:i + C], weight, tau)
+                logq = _log_softmax(ht[i:i + C], teacher_weight, tau)
                 dkl_dz = logp.exp() * (logp - logq - kl[i:i + C, None])  # the closed form p (log p - log q - KL)
-            g = grad_kl[i:i + C, None] * dkl_dz / T  # (chunk, V); the 1/T from z = h W^T / T
+            g = grad_kl[i:i + C, None] * dkl_dz / tau  # (chunk, V); the 1/tau from z = h W^T / tau
             grad_hs[i:i + C] = (g @ weight.to(g.dtype)).to(hs.dtype)
             grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(grad_w.dtype)  # summed over chunks in fp32 at least
         ctx.dkl_dz = None
@@ -284,7 +284,7 @@ class FusedReverseKL(torch.autograd.Function):
 
 def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, chunk_size=0,
                      teacher_weight=None):
-    """Per-token KL( softmax(student_hidden @ weight.T / T) || SG softmax(teacher_hidden @ W_t.T / T) ),
+    """Per-token KL( softmax(student_hidden @ weight.T / tau) || SG softmax(teacher_hidden @ W_t.T / tau) ),
     (N, H), (N, H), (V, H) -> (N,), never materialising an (N, V) tensor. W_t is teacher_weight,
     the teacher's own output matrix (a frozen teacher's differs), or weight when None. Gradients
     reach student_hidden and weight through the student side only. Equals full_vocab_reverse_kl
@@ -296,7 +296,7 @@ def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, ch
 
 
 def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=0):
-    """log softmax(hidden @ weight.T / T)[tokens] chunk by chunk: (N, H), (V, H), (N,) -> (N,).
+    """log softmax(hidden @ weight.T / tau)[tokens], tau the temperature, chunk by chunk: (N, H), (V, H), (N,) -> (N,).
     With grad enabled each chunk is checkpointed, its logits recomputed in backward, never stored."""
     def chunk_logp(h, t):
         return torch.gather(_log_softmax(h, weight, temperature), -1, t[:, None]).squeeze(-1)

@@ -37,8 +37,7 @@ Deliberate choices:
 Official code cited: github.com/yifanzhang-pro/SDPG at 0c818c0 (core_algos.py and ray_trainer.py
 in verl/trainer/ppo/, dp_actor.py in verl/workers/actor/, examples/rpg2_trainer/*.sh).
 
-    python sdpg.py                                      # CPU or one GPU
-    torchrun --standalone --nproc_per_node=4 sdpg.py    # DDP
+    python sdpg.py  |  torchrun --standalone --nproc_per_node=4 sdpg.py      (CPU or one GPU | DDP)
 """
 import argparse
 import copy
@@ -52,7 +51,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,8 +59,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import AdditionTask, encode_batch, get_encoding, sft_batch, verify
-from model import GPT, GPTConfig, chunked_entropy, chunked_token_logprobs, fused_reverse_kl
-from model import response_hidden
+from model import GPT, GPTConfig, chunked_entropy, chunked_token_logprobs, fused_reverse_kl, \
+    response_hidden
 
 # -----------------------------------------------------------------------------
 # the terms of the loss, one function each
@@ -77,8 +76,7 @@ def rlsd_advantages(adv, teacher_logp, old_logp, lam, clip=0.2):
     log pi_old(y_t), -20, 20)), w_t = clip(exp(sign(A) delta_t), 1 - clip, 1 + clip),
     A_t = (1 - lam) A + lam A w_t. adv (B,), teacher_logp, old_logp (B, Tr) -> (B, Tr)."""
     a, delta = adv[:, None], (teacher_logp - old_logp).detach().clamp(-20, 20)
-    return (1 - lam) * a + lam * a * torch.clamp(torch.exp(torch.sign(a) * delta), 1 - clip,
-                                                 1 + clip)
+    return (1 - lam) * a + lam * a * torch.exp(torch.sign(a) * delta).clamp(1 - clip, 1 + clip)
 
 def kl_in_reward_scores(rewards, old_logp, ref_logp, mask, coef):
     """Official GRPO's s_i = R_i - coef * sum_t (log pi_old(y_t) - log pi_ref(y_t)), k1 summed
@@ -104,8 +102,9 @@ def full_vocab_reverse_kl(student_logits, teacher_logits):
     return (logp.exp() * (logp - logq)).sum(-1)
 
 def ref_penalty(logp, ref_logp, kl_mode):
-    """The anchor on sampled tokens, log w = log pi_theta(y_t) - log pi_ref(y_t): urkl 0.5 (log w)^2,
-    ufkl pi_ref/pi_theta + log w, rkl 0.5 (log w + 1)^2, fkl pi_ref/pi_theta. (B, Tr) x2 -> (B, Tr)."""
+    """The anchor on sampled tokens, log w = log pi_theta(y_t) - log pi_ref(y_t):
+    urkl 0.5 (log w)^2, ufkl pi_ref/pi_theta + log w, rkl 0.5 (log w + 1)^2, fkl pi_ref/pi_theta.
+    (B, Tr) x2 -> (B, Tr)."""
     log_w, forms = logp - ref_logp, ("urkl", "ufkl", "rkl", "fkl")
     if kl_mode not in forms:
         raise ValueError(f"unknown kl mode {kl_mode!r}: use one of {forms}")
@@ -129,18 +128,16 @@ class Rollouts:
     mask: torch.Tensor                 # (B, Tr) 1.0 on response tokens up to the first eot
     is_eot: torch.Tensor               # (B, Tr) True at end-of-text tokens
     rewards: torch.Tensor              # (B,) the verifier's
-    old_logp: Optional[torch.Tensor] = None   # (B, Tr) log pi_old(y_t)   (score_rollouts)
-    ref_logp: Optional[torch.Tensor] = None   # (B, Tr) log pi_ref(y_t)
-    adv: Optional[torch.Tensor] = None        # (B,), or (B, Tr) per token under rlsd
-    h_teacher: Optional[torch.Tensor] = None  # (B, Tr, H) teacher hidden states (update)
-    w_teacher: Optional[torch.Tensor] = None  # (V, H) the teacher's output matrix
+    old_logp: Any = None   # (B, Tr) log pi_old(y_t)   (score_rollouts)
+    ref_logp: Any = None   # (B, Tr) log pi_ref(y_t)
+    adv: Any = None        # (B,), or (B, Tr) per token under rlsd
+    h_teacher: Any = None  # (B, Tr, H) teacher hidden states (update)
+    w_teacher: Any = None  # (V, H) the teacher's output matrix
     n_tokens: float = 0.0                     # response tokens of the global mini-batch
 
-    def rows(self, start, stop, group_size):  # rows start..stop, whole groups
-        f = {k: v[start:stop] for k, v in vars(self).items() if torch.is_tensor(v) and v.dim()
-             and k != "w_teacher"}  # every tensor but the matrix has a row per rollout
-        return dataclasses.replace(self, **f, problems=self.problems[start // group_size:
-                                                                     stop // group_size])
+    def rows(self, i, j, G):  # rows i..j, whole groups of G; every tensor but w_teacher has rows
+        f = {k: v[i:j] for k, v in vars(self).items() if torch.is_tensor(v) and k != "w_teacher"}
+        return dataclasses.replace(self, **f, problems=self.problems[i // G:j // G])
 
 def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     """One mini-batch's loss on this rank, scaled so that DDP's average over ranks is the
@@ -148,9 +145,9 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     output matrix (V, H); args.algo picks the terms: sdpg out + ref + opd, grpo and rlsd out + ref,
     opd ref + opd ungated. Returns the loss, metric sums over this rank's response tokens by name,
     and the loss's weighted terms {out, ref, opd}, which sum to it."""
-    T, m = args.temperature, mb.mask
+    tau, m = args.temperature, mb.mask  # tau: the temperature
     h = response_hidden(model, mb.x, mb.resp).flatten(0, 1)  # (B*Tr, H), through DDP's forward
-    logp = chunked_token_logprobs(h, weight, mb.resp.flatten(), T).view(m.shape)  # (B, Tr)
+    logp = chunked_token_logprobs(h, weight, mb.resp.flatten(), tau).view(m.shape)  # (B, Tr)
     # past a row's end the log-ratios are 0: exp() of an untrained padding position could
     # overflow, and inf * mask 0 is NaN in the gradient
     old_logp = torch.where(m == 0, logp.detach(), mb.old_logp)
@@ -163,7 +160,7 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     per_token["ref"] = args.alpha * l_ref  # each (B, Tr)
     sums = {}
     if args.algo in ("sdpg", "opd"):  # each view from its own weights, over the whole vocabulary
-        kl = fused_reverse_kl(h, mb.h_teacher.flatten(0, 1), weight, T,
+        kl = fused_reverse_kl(h, mb.h_teacher.flatten(0, 1), weight, tau,
                               teacher_weight=mb.w_teacher).view(m.shape)  # (B, Tr)
         kl_used = kl
         if args.kl_cap > 0:  # min(KL, cap) per token, no gradient where capped (dp_actor.py:632)
@@ -181,7 +178,7 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
         log_w = logp - ref_logp
         sums.update(loss=sum(per_token.values()), loss_out=l_out, loss_ref=l_ref,
                     kl_ref=torch.exp(-log_w) - 1 + log_w,  # k3 >= 0
-                    entropy=chunked_entropy(h, weight, T).view(m.shape), clip_frac=clipped.float())
+                    entropy=chunked_entropy(h, weight, tau).view(m.shape), clip_frac=clipped.float())
         sums = {k: (v.detach() * m).sum() for k, v in sums.items()}
     return sum(terms.values()), sums, terms
 
@@ -298,7 +295,7 @@ def setup_distributed(args):
     env = {k: int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
                                                       ("WORLD_SIZE", 1), ("LOCAL_WORLD_SIZE", 0))}
     ddp, local_rank = "RANK" in os.environ, env["LOCAL_RANK"]
-    use_cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    use_cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
     device = torch.device("cpu")
     if use_cuda:
         n = torch.cuda.device_count()
@@ -333,13 +330,13 @@ class Run:
     rank: int
     world_size: int
     log: Any                           # log(record): a JSON line in log.jsonl (rank 0)
-    model: Optional[GPT] = None        # pi_theta, unwrapped: every no-grad pass uses it
+    model: Any = None        # pi_theta, unwrapped: every no-grad pass uses it
     train_model: Any = None            # model under DDP and compile: the gradient passes
-    ref_model: Optional[GPT] = None    # pi_ref, the frozen warm start
-    teacher: Optional[GPT] = None      # the weights that read c: model, or ref_model if frozen
+    ref_model: Any = None    # pi_ref, the frozen warm start
+    teacher: Any = None      # the weights that read c: model, or ref_model if frozen
     optimizer: Any = None
     rl_rng: Any = None                 # numpy Generator: problems, random contexts
-    gen: Optional[torch.Generator] = None  # rollout sampling
+    gen: Any = None  # rollout sampling
 
 
 # -----------------------------------------------------------------------------
@@ -378,7 +375,7 @@ def warm_start(run, train_model, stop):
             val = evaluate(run, model, val_set)
             if val[0] >= args.sft_until and val[1] >= args.sft_teacher_until:  # both views
                 print0(f"sft {step} | val acc {val[0]:.3f}, teacher {val[1]:.3f}: warm start done")
-                run.log({"phase": "sft", "step": step, "val_acc": val[0], "val_teacher_acc": val[1]})
+                run.log(dict(phase="sft", step=step, val_acc=val[0], val_teacher_acc=val[1]))
                 return True, None
             if step == args.sft_steps:
                 return True, val
@@ -435,7 +432,8 @@ def mean_at_n(run, problems, n):
         acc = torch.tensor(verify(run.enc, run.task, resp, mine, n)).double().view(-1, n).mean(1)
         stats += torch.tensor([acc.sum(), (acc ** 2).sum(), len(mine)], device=run.device)
     s1, s2, count = all_sum(stats).tolist()
-    return s1 / count, 1.96 * math.sqrt(max(0.0, s2 / count - (s1 / count) ** 2) / max(1, count - 1))
+    mean = s1 / count
+    return mean, 1.96 * math.sqrt(max(0.0, s2 / count - mean ** 2) / max(1, count - 1))
 
 def run_eval(run, k):  # evaluate at RL step k; print, log and return the record
     a, problems = run.args, run.task.eval_set
@@ -476,12 +474,12 @@ def score_rollouts(run, batch, k):
     """Phase 2: log-probs of the sampled tokens under pi_old (the weights that sampled) and
     pi_ref, then group-relative advantages: official GRPO's of the reward less its KL penalty,
     rlsd's reweighted by teacher log-probs taken once per rollout batch (ray_trainer.py:1632)."""
-    a, G, T = run.args, run.args.group_size, run.args.temperature
+    a, G, tau = run.args, run.args.group_size, run.args.temperature
     with torch.no_grad(), run.ctx:
-        batch.old_logp = run.model.token_logprobs(batch.x[::G], batch.resp, G, T)  # (B, Tr)
-        batch.ref_logp = run.ref_model.token_logprobs(batch.x[::G], batch.resp, G, T)
+        batch.old_logp = run.model.token_logprobs(batch.x[::G], batch.resp, G, tau)  # (B, Tr)
+        batch.ref_logp = run.ref_model.token_logprobs(batch.x[::G], batch.resp, G, tau)
         if a.algo == "rlsd":
-            teacher_logp = run.teacher.token_logprobs(batch.cx[::G], batch.resp, G, T)
+            teacher_logp = run.teacher.token_logprobs(batch.cx[::G], batch.resp, G, tau)
     scores = batch.rewards
     if a.kl_in_reward:
         scores = kl_in_reward_scores(scores, batch.old_logp, batch.ref_logp, batch.mask,

@@ -6,6 +6,7 @@ reference: float64 brute force, exact enumeration, a hand-worked case or the pap
 """
 import argparse
 import dataclasses
+import importlib.util
 import itertools
 import json
 import math
@@ -933,21 +934,54 @@ def test_resume_refuses_a_changed_algorithm_in_one_line(flags, needle, tmp_path,
     assert one_line_error(p, needle) and "differs" in p.stderr, p.stderr
 
 
+EVAL_SCRIPT = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import data, sdpg
+class HalfRight(data.AdditionTask):  # a verifier whose verdict is known: right on even a's
+    def __repr__(self):
+        return "HalfRight()"
+    def reward(self, text, p):
+        return float(p[0] % 2 == 0)
+sdpg.main(sys.argv[2:], task=HalfRight(2, 41))
+'''
+
+
 def test_torchrun_two_processes_evaluate_as_one_process_on_the_same_weights(tmp_path):
-    """Under DDP each rank evaluates its shard of the held-out set; the metrics logged by two ranks
-    equal those of one process evaluating the saved final weights on the whole set."""
+    """Under DDP each rank evaluates its shard of the held-out set (41 problems: shards of 21 and
+    20). With a verifier whose verdict is known in advance, both ranks' evaluations equal the
+    share of right problems of the whole set, as one process finds it."""
+    script = tmp_path / "eval.py"
+    script.write_text(EVAL_SCRIPT)
     out = str(tmp_path / "ddp")
-    p = run_script(TINY + ["--out_dir", out, "--eval_size", "41"], nproc=2)  # 41: shards of 21 and 20
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), HERE, "--device", "cpu", "--out_dir", out, "--eval_size", "41"] + TINY,
+                       capture_output=True, text=True, timeout=240, env=env, cwd=HERE)
     assert p.returncode == 0, p.stderr[-3000:]
     log = read_log(out)
     assert log[0]["world_size"] == 2 and [r["step"] for r in phase(log, "rl")] == [1, 2, 3]
-    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
     task = data.AdditionTask(2, eval_size=41)
-    acc, teacher_acc = sdpg.evaluate(make_run(model, parse(*TINY), task), model, task.eval_set)
-    last = phase(log, "eval")[-1]
-    assert (last["eval_acc"], last["teacher_acc"]) == (acc, teacher_acc)
+    right = sum(a % 2 == 0 for a, _ in task.eval_set) / 41
+    assert 0.2 < right < 0.8
+    for r in phase(log, "eval"):
+        assert (r["eval_acc"], r["teacher_acc"]) == (pytest.approx(right), pytest.approx(right))
+        assert r["mean@4"] == pytest.approx(right)
+
+
+def test_evaluation_counts_each_rank_s_own_shard(monkeypatch):
+    """evaluate() as two ranks would run it, the all-reduce summing their counts: the accuracy over
+    the whole held-out set, whatever the shard sizes."""
+    task = data.AdditionTask(2, eval_size=41)
+    monkeypatch.setattr(task, "reward", lambda text, p: float(p[0] % 3 == 0))
+    counts = []
+    monkeypatch.setattr(sdpg, "all_sum", lambda t: counts.append(t.clone()) or t)
+    model = tiny_gpt()
+    for rank in (0, 1):
+        sdpg.evaluate(make_run(model, task=task, rank=rank, world_size=2), model, task.eval_set)
+    total = counts[0] + counts[1]
+    right = sum(a % 3 == 0 for a, _ in task.eval_set)
+    assert total.tolist() == [right, right, 41]
 
 
 @pytest.mark.parametrize("flags, needle", [
@@ -1453,7 +1487,7 @@ def test_plot_summary_tables_match_the_log(tmp_path):
     assert "median RL step 1.100 s" in md  # the upper median of 0.1 .. 2.0
 
 
-def test_worked_example_numbers_agree_with_each_other():
+def test_worked_example_numbers_agree_with_each_other(tmp_path):
     """tools/worked_example.py: advantages sum to 0 in the group, only A > 0 rows are distilled, and the
     distillation term is beta times the gated per-token KLs of the table over the group's tokens."""
     import worked_example
@@ -1467,6 +1501,10 @@ def test_worked_example_numbers_agree_with_each_other():
     assert all(r["gated_in"] == (r["adv"] > 0) for r in ex["rollouts"])
     assert ex["terms"]["opd"] == pytest.approx(args.beta * min(gated, 1e9) / ex["n_tokens"], rel=1e-4)
     assert "| 0 |" in worked_example.markdown(ex, args)
+    if importlib.util.find_spec("matplotlib"):  # the same group as one picture
+        path = worked_example.figure(ex, args, str(tmp_path / "group.png"))
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_teacher_signal_table_matches_full_forwards():
@@ -1779,6 +1817,10 @@ def test_bfloat16_on_cpu_runs_and_its_warm_start_is_not_reused_in_float32(tmp_pa
     assert log16[0]["dtype"] == "bfloat16" and len(rl16) == 3
     for key in ["loss", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref", "entropy"]:
         assert all(math.isfinite(r[key]) for r in rl16), key
+    for r in rl16:  # the terms are fp32 sums of bf16-autocast forwards: they still add up to the loss
+        expected = r["loss_out"] + log16[0]["alpha"] * r["loss_ref"] + r["beta"] * r["loss_opd"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+        assert 0 <= r["loss_opd"] <= r["kl_teacher"] + 1e-6 and r["clip_frac"] < 0.5
     p = run_script(tiny)  # the CPU default, float32, in the same out_dir: its own warm start
     assert p.returncode == 0, p.stderr
     assert "reusing" not in p.stdout

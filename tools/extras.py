@@ -147,21 +147,21 @@ def loss_diagnostics(run, beta, mb):
                               for x, p in zip(g, params)])
             grads[k] = sdpg.all_sum(flat) / ws
             out[f"grad_norm_{k}"] = grads[k].norm().item()
-        if "opd" in grads and "out" in grads and grads["opd"].norm() > 0 and grads["out"].norm() > 0:
+        if "opd" in grads and "out" in grads and min(grads["opd"].norm(), grads["out"].norm()) > 0:
             out["grad_cos_out_opd"] = (grads["out"] @ grads["opd"] / (
                 grads["out"].norm() * grads["opd"].norm())).item()
     with torch.no_grad(), run.ctx:
-        T, W, m, G = a.temperature, model.lm_head_weight, mb.mask, a.group_size
+        tau, W, m, G = a.temperature, model.lm_head_weight, mb.mask, a.group_size
         h = response_hidden(model, mb.x, mb.resp).flatten(0, 1)
-        logp = chunked_token_logprobs(h, W, mb.resp.flatten(), T)
+        logp = chunked_token_logprobs(h, W, mb.resp.flatten(), tau)
         # each pair's other side from its own weights and head (pi_ref's, or the teacher's)
         pairs = {"ref": (run.ref_model.score(mb.x[::G], mb.resp, G).flatten(0, 1),
                          run.ref_model.lm_head_weight)}
         if mb.h_teacher is not None:
             pairs["teacher"] = (mb.h_teacher.flatten(0, 1), mb.w_teacher)
         for name, (h_other, w_other) in pairs.items():
-            exact = fused_reverse_kl(h, h_other, W, T, teacher_weight=w_other)
-            logq = chunked_token_logprobs(h_other, w_other, mb.resp.flatten(), T)
+            exact = fused_reverse_kl(h, h_other, W, tau, teacher_weight=w_other)
+            logq = chunked_token_logprobs(h_other, w_other, mb.resp.flatten(), tau)
             for est, v in zip(("exact", "k1", "k2", "k3"), (exact, *kl_estimators(logp, logq))):
                 v = v.view(m.shape)
                 s = sdpg.all_sum(torch.stack([(v * m).sum(), (v * v * m).sum(), m.sum()]).double())

@@ -27,7 +27,6 @@
 # hook's self-test, a tiny CPU run of the hook script and bench's rollout part run (under a minute).
 # Environment: PYTHON (default python), STEPS (default "b c d e f g a": which steps, in order),
 # LOGS_DIR (if set, each step's output and log.jsonl are copied there as well).
-# f needs sdpg.main(argv, task, hook); until sdpg.py has it, f reports "failed" with the reason.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
