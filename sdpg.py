@@ -24,11 +24,12 @@ Deliberate choices:
     gated-out rollouts count with zero loss. (Official: per micro-batch, close at LLM scale.)
  4. The temperature divides both views' logits (official: the student's only, and a bf16
     teacher; here the KL is fp32). The same at temperature 1.
- 5. Steps k count from 1, as the official trainer's: beta(1) = beta / T_warm, beta(T) = 0. The
+ 5. Steps k count from 1, as the official trainer's: beta(1) = beta / T_warm, and beta(T) = 0 with
+    the decay on. The
     reward is 1/0 (the official +1/-1 gives the same advantages).
  6. Baselines as their official scripts: --algo grpo (clip 0.2/0.2, no dual clip, no L_ref, a k1
     KL penalty in the reward), rlsd (the teacher reweights the advantage per token), opd (the
-    distillation term alone). "Without beta" is --beta 0.
+    distillation and reference terms, no verifier). "Without beta" is --beta 0.
  7. Not ported: the released lr warm-up (constant here), DAPO dynamic sampling (the released
     scripts set it, its trainer never reads it), per-micro-batch normalisation.
  8. No (tokens, V) tensor: the head runs in chunks and the exact KL's backward is its closed form
@@ -178,7 +179,8 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
         log_w = logp - ref_logp
         sums.update(loss=sum(per_token.values()), loss_out=l_out, loss_ref=l_ref,
                     kl_ref=torch.exp(-log_w) - 1 + log_w,  # k3 >= 0
-                    entropy=chunked_entropy(h, weight, tau).view(m.shape), clip_frac=clipped.float())
+                    entropy=chunked_entropy(h, weight, tau).view(m.shape),
+                    clip_frac=clipped.float())
         sums = {k: (v.detach() * m).sum() for k, v in sums.items()}
     return sum(terms.values()), sums, terms
 
@@ -232,7 +234,7 @@ add("--eval_samples", type=count, default=4, help="n of mean@n: samples per held
 add("--seed", type=int, default=0, help="seeds the model, the data and the sampling")
 add("--device", default="auto", help="auto | cpu | cuda | cuda:N")
 add("--dtype", default=None, choices=["float32", "bfloat16"], help="autocast (bf16 on CUDA)")
-add("--compile", action="store_true", help="torch.compile the training forward")
+add("--compile", action="store_true", help="torch.compile the RL training forward")
 add("--digits", type=int, default=2, help="operand digits of the addition task (1 to 6)")
 add("--n_layer", type=number(int, 1), default=4, help="transformer blocks")
 add("--n_head", type=number(int, 1), default=4, help="attention heads")
@@ -240,7 +242,7 @@ add("--n_embd", type=number(int, 1), default=128, help="width, a multiple of --n
 # stage 1: the supervised warm start of both views
 add("--sft_steps", type=count, default=2000, help="most warm-start steps (0 skips the stage)")
 add("--sft_batch", type=number(int, 1), default=64, help="problems per warm-start step")
-add("--sft_until", type=share, default=0.2, help="stop once the student solves this (0 off)")
+add("--sft_until", type=share, default=0.2, help="stop once the student solves this (0: never)")
 add("--sft_teacher_until", type=share, default=0.9, help="... and the teacher view this")
 # stage 2: RL
 add("--rl_steps", type=count, default=300, help="RL steps T (rollout batches)")
@@ -250,7 +252,7 @@ add("--group_size", type=number(int, 2), default=8, help="G, responses sampled p
 add("--num_minibatches", type=number(int, 1), default=2, help="updates per rollout batch")
 add("--lr", type=positive, default=1e-4, help="RL AdamW learning rate")
 add("--grad_clip", type=nonneg, default=1.0, help="max global grad norm, both stages (0 off)")
-add("--temperature", type=positive, default=1.0, help="sampling temperature of the rollouts")
+add("--temperature", type=positive, default=1.0, help="of the rollouts and of every log-prob")
 add("--max_new_tokens", type=number(int, 1), default=8, help="longest response")
 add("--beta", type=nonneg, default=0.05, help="weight of the distillation term (its peak)")
 add("--kl_mode", default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="L_ref's form")
@@ -268,8 +270,11 @@ for name, kind, what in (
         **({"choices": ["positive", "all"]} if name == "opd_gate" else {}))
 
 def resolve(args, saved=None):
-    """Fill each flag left at None from the algorithm's official settings, then the recipe; a
-    resumed run (saved: its config) keeps its schedule in steps unless a flag sets it."""
+    """Fill each flag left at None from the algorithm's official settings, then the recipe. The
+    schedule is resolved in steps, with beta_horizon the T it ends at; a resumed run (saved: its
+    config) keeps all three unless --beta_warmup or --beta_decay sets the schedule again."""
+    keep = saved and args.beta_warmup is None and args.beta_decay is None
+    args.beta_horizon = saved.get("beta_horizon", saved["rl_steps"]) if keep else args.rl_steps
     for k, v in {**RECIPES[args.recipe], **BASELINES.get(args.algo, {})}.items():
         if getattr(args, k) is None:
             if k in ("beta_warmup", "beta_decay"):
@@ -522,7 +527,8 @@ def update(run, batch, beta, k, hook):
 
 def step_record(run, k, batch, sums, beta, dt, skipped, extra):
     """Phase 4: log the step: token terms per response token of all ranks, the reward per
-    rollout, signal_frac the share of groups whose rewards differ (the only ones with A != 0)."""
+    rollout, signal_frac the share of groups whose rewards differ (without a KL penalty in the
+    reward, the only groups with A != 0)."""
     G, r = run.args.group_size, batch.rewards.view(-1, run.args.group_size)
     t = {**sums, "signal": (r.amax(1) != r.amin(1)).sum(), "reward": batch.rewards.sum(),
          "tokens": batch.mask.sum(), "rollouts": torch.tensor(float(len(batch.rewards)))}
@@ -552,17 +558,20 @@ def train(args, task, hook=None, ckpt=None):
     if args.prompts_per_step % (world_size * args.num_minibatches) or args.sft_batch % world_size:
         die(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} "
             f"ranks x {args.num_minibatches} mini-batches, and --sft_batch over the ranks")
-    run = Run(args, task, get_encoding(), device, ctx, rank, world_size, open_log(args, rank))
+    enc = get_encoding()
+    _, teacher0, target0 = encode_batch(enc, task, task.eval_set[:1], np.random.default_rng(0))
+    if args.max_new_tokens < len(target0[0]):
+        die(f"--max_new_tokens must be >= {len(target0[0])}: the answer and end-of-text")
+    model_args = dict(block_size=len(teacher0[0]) + args.max_new_tokens, n_layer=args.n_layer,
+                      vocab_size=enc.n_vocab, n_head=args.n_head, n_embd=args.n_embd)
+    if ckpt is not None:  # every check before the log is written
+        check_resume(args, task, ckpt, model_args)
+    run = Run(args, task, enc, device, ctx, rank, world_size, open_log(args, rank))
     stop = StopRequest()  # Ctrl-C: finish the step, save, exit
     run.log({"phase": "config", **vars(args), "task": repr(task), "world_size": world_size,
              "device": str(device), "torch": torch.__version__, "numpy": np.__version__,
              "python": sys.version.split()[0]})
-    _, teacher0, target0 = encode_batch(run.enc, task, task.eval_set[:1], np.random.default_rng(0))
-    if args.max_new_tokens < len(target0[0]):
-        die(f"--max_new_tokens must be >= {len(target0[0])}: the answer and end-of-text")
     torch.manual_seed(args.seed)  # the same on every rank: the same initial weights
-    model_args = dict(block_size=len(teacher0[0]) + args.max_new_tokens, n_layer=args.n_layer,
-                      vocab_size=run.enc.n_vocab, n_head=args.n_head, n_embd=args.n_embd)
     run.model = model = GPT(GPTConfig(**model_args)).to(device)
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
            f"vocab {run.enc.n_vocab} | device {device} | world {world_size}")
@@ -592,13 +601,15 @@ def train(args, task, hook=None, ckpt=None):
     run.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     run.rl_rng = np.random.default_rng([args.seed, rank, 1])  # problems
     run.gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # sampling
-    start, evaluated, first_eval = resume(run, ckpt) if ckpt is not None else (0, False, None)
+    start, evaluated, evals = resume(run, ckpt) if ckpt is not None else (0, False, [None, None])
     run.train_model = torch.compile(wrap(model)) if args.compile else wrap(model)
-    first_eval = first_eval if evaluated else run_eval(run, start)
-    last_eval, t_run, bad_streak = first_eval, time.time(), 0
+    if not evaluated:  # the first and the latest evaluation, for the summary and the checkpoint
+        evals = [evals[0], run_eval(run, start)]
+        evals[0] = evals[0] or evals[1]
+    t_run, bad_streak = time.time(), 0
     for k in range(start + 1, args.rl_steps + 1):  # the official step numbering starts at 1
         t0 = time.perf_counter()
-        beta = beta_schedule(k, args.rl_steps, args.beta, args.beta_warmup, args.beta_decay) \
+        beta = beta_schedule(k, args.beta_horizon, args.beta, args.beta_warmup, args.beta_decay) \
             if args.algo in ("sdpg", "opd") else 0.0
         batch = sample_rollouts(run, args.prompts_per_step // world_size)
         score_rollouts(run, batch, k)
@@ -608,23 +619,24 @@ def train(args, task, hook=None, ckpt=None):
         step_record(run, k, batch, sums, beta, time.perf_counter() - t0, skipped, extra)
         evaluated = (args.eval_every and k % args.eval_every == 0) or k == args.rl_steps
         if evaluated:
-            last_eval = run_eval(run, k)
-            save_checkpoint(run, k, True, first_eval)
+            evals[1] = run_eval(run, k)
+            save_checkpoint(run, k, True, evals)
         bad_streak = bad_streak + 1 if skipped else 0
         if bad_streak >= MAX_BAD_STEPS:  # the last checkpoint is kept
             die(f"{bad_streak} RL steps in a row had non-finite gradients; try a lower --lr")
         if stop.any_rank(device):
             if not evaluated:
-                save_checkpoint(run, k, False, first_eval)
+                save_checkpoint(run, k, False, evals)
             print0(f"interrupted: stopped after step {k}/{args.rl_steps}; continue with "
                    f"--resume {os.path.join(args.out_dir, 'ckpt.pt')}")
             break
     if start == args.rl_steps:
-        save_checkpoint(run, start, True, first_eval)
-    acc = " | ".join(f"{v} {first_eval[v]:.3f} -> {last_eval[v]:.3f}" for v in ("eval_acc",
-                     "teacher_acc")) if first_eval and last_eval else ""
-    print0(f"done: RL {time.time() - t_run:.0f}s | {acc} | {args.out_dir}/ holds log.jsonl, "
-           f"ckpt.pt, sft.pt | curves: python tools/plot.py {args.out_dir}/log.jsonl")
+        save_checkpoint(run, start, True, evals)
+    first, last = evals
+    acc = " | ".join(f"{v} {first[v]:.3f} (step {first['step']}) -> {last[v]:.3f} (step "
+                     f"{last['step']})" for v in ("eval_acc", "teacher_acc"))
+    print0(f"{'stopped' if stop.requested else 'done'}: RL {time.time() - t_run:.0f}s | {acc} | "
+           f"files in {args.out_dir}/ | curves: python tools/plot.py {args.out_dir}/log.jsonl")
     teardown(run)
     return run
 
@@ -700,7 +712,7 @@ def save_or_stop(run, make, path):  # rank 0 saves make(); if that fails, every 
     if err[0]:
         die(err[0])
 
-def save_checkpoint(run, step, evaluated, first_eval):  # every rank calls it
+def save_checkpoint(run, step, evaluated, evals):  # every rank calls it
     rngs = [{"numpy": run.rl_rng.bit_generator.state, "torch_gen": run.gen.get_state(),
              "torch": torch.get_rng_state(), "device": run.gen.device.type}] * run.world_size
     if dist.is_initialized():
@@ -708,7 +720,7 @@ def save_checkpoint(run, step, evaluated, first_eval):  # every rank calls it
     save_or_stop(run, lambda: dict(
         model=run.model.state_dict(), ref_model=run.ref_model.state_dict(), rng=rngs, step=step,
         optimizer=run.optimizer.state_dict(), model_args=vars(run.model.config),
-        config=vars(run.args), task=repr(run.task), evaluated=evaluated, first_eval=first_eval),
+        config=vars(run.args), task=repr(run.task), evaluated=evaluated, evals=evals),
         os.path.join(run.args.out_dir, "ckpt.pt"))
 
 def load_checkpoint(path, types):
@@ -746,20 +758,23 @@ SAME_ON_RESUME = ("algo", "recipe", "beta", "alpha", "clip_low", "clip_high", "d
                   "group_size", "prompts_per_step", "num_minibatches", "temperature", "lr",
                   "grad_clip", "max_new_tokens", "seed")
 
-def resume(run, ckpt):
-    """Refuse in one line a resume that changes the run; load ckpt into the models and Adam, and
-    this rank's random streams if the world size and device type are the same and the states fit
-    (else fresh ones, with a line). Returns (step, its evaluation logged?, the first one)."""
-    path, config, a = run.args.resume, ckpt["config"], run.args
+def check_resume(a, task, ckpt, model_args):  # one line for a resume that would change the run
+    path, config = a.resume, ckpt["config"]
     for k in (k for k in SAME_ON_RESUME if k in config and config[k] != getattr(a, k)):
         die(f"--resume: --{k} {getattr(a, k)} differs from the run it continues ({config[k]}); "
             f"a resumed run keeps its algorithm (start a new run)")
-    if ckpt["step"] > a.rl_steps or ckpt.get("task", repr(run.task)) != repr(run.task):
+    if ckpt["step"] > a.rl_steps or ckpt.get("task", repr(task)) != repr(task):
         die(f"--resume: the checkpoint (step {ckpt['step']} of {ckpt.get('task')}) cannot "
-            f"continue as --rl_steps {a.rl_steps} of {run.task!r}")
-    if ckpt["model_args"] != vars(run.model.config):
+            f"continue as --rl_steps {a.rl_steps} of {task!r}")
+    if ckpt["model_args"] != model_args:
         die(f"--resume {path}: its model {ckpt['model_args']} differs from this run's "
-            f"{vars(run.model.config)}; use the flags it was trained with")
+            f"{model_args}; use the flags it was trained with")
+
+def resume(run, ckpt):
+    """Refuse in one line a resume that changes the run; load ckpt into the models and Adam, and
+    this rank's random streams if the world size and device type are the same and the states fit
+    (else fresh ones, with a line). Returns (step, its evaluation logged?, [first, latest])."""
+    path, config, a = run.args.resume, ckpt["config"], run.args
     try:
         run.model.load_state_dict(ckpt["model"])
         run.ref_model.load_state_dict(ckpt["ref_model"])
@@ -782,13 +797,18 @@ def resume(run, ckpt):
         torch.set_rng_state(fresh[2])
     if why:
         print0(f"resume: {why}: new random streams")
-    changed = {k: [config.get(k), getattr(a, k)] for k in ("rl_steps", "beta_warmup",
-               "beta_decay") if config.get(k) != getattr(a, k)}
+    changed = {k: [config.get(k, config["rl_steps"]), getattr(a, k)] for k in ("rl_steps",
+               "beta_warmup", "beta_decay", "beta_horizon") if config.get(k) != getattr(a, k)}
     for k in sorted(set(changed) - {"rl_steps"}):
-        print0(f"resume: --{k} {changed[k][1]} replaces the checkpoint's {changed[k][0]}")
+        print0(f"resume: {k} {changed[k][1]} replaces the checkpoint's {changed[k][0]}")
+    if a.beta_horizon != a.rl_steps:
+        print0(f"resume: beta keeps the schedule it ran with, which ends at step {a.beta_horizon}")
     print0(f"resumed from {path} at step {ckpt['step']}")
     run.log({"phase": "resume", "step": ckpt["step"], "from": path, "changed": changed})
-    return ckpt["step"], ckpt.get("evaluated") is True, ckpt.get("first_eval")
+    evals = ckpt.get("evals")  # [first, latest] evaluation records, checked as every field
+    ok = isinstance(evals, list) and len(evals) == 2 and all(
+        isinstance(e, dict) and {"step", "eval_acc", "teacher_acc"} <= set(e) for e in evals)
+    return ckpt["step"], ckpt.get("evaluated") is True and ok, evals if ok else [None, None]
 
 def validate(a):  # the flag checks that no flag's type makes; one line and exit 2 at the first
     for ok, msg in [
@@ -805,4 +825,8 @@ def validate(a):  # the flag checks that no flag's type makes; one line and exit
 parser.error = die  # argparse's own errors (unknown flag, bad choice) are one line too
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without saving
+        print0("sdpg.py: interrupted twice: stopped at once; the last checkpoint is kept")
+        sys.exit(130)

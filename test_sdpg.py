@@ -837,8 +837,8 @@ def test_smoke_run_writes_log_checkpoint_summary_and_reuses_warm_start(tmp_path)
     assert "step 1/3 | reward" in p.stdout and "eval step 0/3 | eval_acc" in p.stdout
     summary = p.stdout.strip().splitlines()[-1]  # the run ends with one line: accuracies, files, plot
     assert summary.startswith("done: RL") and "tools/plot.py" in summary and out in summary
-    assert f"eval_acc {evals[0]['eval_acc']:.3f} -> {evals[-1]['eval_acc']:.3f}" in summary
-    assert f"teacher_acc {evals[0]['teacher_acc']:.3f} -> {evals[-1]['teacher_acc']:.3f}" in summary
+    assert f"eval_acc {evals[0]['eval_acc']:.3f} (step 0) -> {evals[-1]['eval_acc']:.3f} (step 3)" in summary
+    assert f"teacher_acc {evals[0]['teacher_acc']:.3f} (step 0) -> {evals[-1]['teacher_acc']:.3f}" in summary
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 3 and {"model", "optimizer", "ref_model", "config", "rng"} <= set(ckpt)
     # a second run reuses sft.pt and, from the same seed, starts RL from the same weights
@@ -906,22 +906,44 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch
 
 
 def test_resume_keeps_the_schedule_of_the_run_it_continues(tmp_path, monkeypatch, capsys):
-    """A 4-step paper-recipe run resumed with --rl_steps 8 keeps T_warm = 0.5 and T_decay = 3.5
-    steps (its own), so beta(k) = beta_schedule(k, 8, 0.05, 0.5, 3.5), not the schedule of a new
-    8-step run; an explicit --beta_decay replaces it, and the log says so."""
+    """A 4-step paper-recipe run resumed with --rl_steps 8 keeps its schedule: T_warm 0.5 and
+    T_decay 3.5 steps, ending at its own T = 4, so the added steps get beta 0 (a schedule
+    re-resolved for 8 steps would jump to 0.05 * 3/7 at step 5); an explicit --beta_decay sets a
+    new schedule, ending at the new T, and the log says so."""
     out = str(tmp_path / "run")
     tiny = TINY + ["--sft_until", "0", "--eval_every", "0", "--out_dir", out]
     assert run_main(monkeypatch, capsys, tiny + ["--rl_steps", "4"]).returncode == 0
     assert [r["beta"] for r in phase(read_log(out), "rl")][-1] == 0.0  # beta(T) = 0
     p = run_main(monkeypatch, capsys, tiny + ["--rl_steps", "8", "--resume", os.path.join(out, "ckpt.pt")])
     assert p.returncode == 0, p.stderr
+    assert "beta keeps the schedule it ran with, which ends at step 4" in p.stdout
     log = read_log(out)
-    assert [r["beta"] for r in phase(log, "rl")][4:] == [sdpg.beta_schedule(k, 8, 0.05, 0.5, 3.5) for k in (5, 6, 7, 8)]
+    assert [r["beta"] for r in phase(log, "rl")][4:] == [0.0] * 4
     assert phase(log, "resume")[0]["changed"] == {"rl_steps": [4, 8]}
     assert log[-1]["phase"] == "eval" and log[-1]["step"] == 8
-    p = run_main(monkeypatch, capsys, tiny + ["--rl_steps", "10", "--beta_decay", "2", "--resume", os.path.join(out, "ckpt.pt")])
-    assert p.returncode == 0 and "resume: --beta_decay 2.0 replaces the checkpoint's 3.5" in p.stdout
-    assert phase(read_log(out), "resume")[-1]["changed"]["beta_decay"] == [3.5, 2.0]
+    p = run_main(monkeypatch, capsys, tiny + ["--rl_steps", "10", "--beta_decay", "2", "--resume",
+                                              os.path.join(out, "ckpt.pt")])
+    assert p.returncode == 0 and "beta_decay 2.0 replaces the checkpoint's 3.5" in p.stdout, p.stdout
+    assert [r["beta"] for r in phase(read_log(out), "rl")][8:] == [sdpg.beta_schedule(k, 10, 0.05, 0.5, 2)
+                                                                  for k in (9, 10)]
+    assert phase(read_log(out), "resume")[-1]["changed"]["beta_horizon"] == [4, 10]
+
+
+def test_a_resume_after_ctrl_c_keeps_the_run_s_first_evaluation(tmp_path, monkeypatch, capsys):
+    """A checkpoint saved between evaluations (as Ctrl-C saves it) resumes with an evaluation at its
+    step, and the summary still reports from the run's first evaluation at step 0."""
+    out = str(tmp_path / "run")
+    tiny = TINY + ["--sft_until", "0", "--eval_every", "0", "--out_dir", out]
+    assert run_main(monkeypatch, capsys, tiny + ["--rl_steps", "2"]).returncode == 0
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    ckpt["evaluated"] = False  # as if stopped after step 2 without its evaluation
+    torch.save(ckpt, os.path.join(out, "ckpt.pt"))
+    p = run_main(monkeypatch, capsys, tiny + ["--rl_steps", "3", "--resume", os.path.join(out, "ckpt.pt")])
+    assert p.returncode == 0
+    evals = phase(read_log(out), "eval")
+    assert [r["step"] for r in evals] == [0, 2, 2, 3]  # step 2 again: the checkpoint said it was not logged
+    summary = p.stdout.strip().splitlines()[-1]
+    assert f"eval_acc {evals[0]['eval_acc']:.3f} (step 0) -> {evals[-1]['eval_acc']:.3f} (step 3)" in summary
 
 
 @pytest.mark.parametrize("flags, needle", [(["--beta", "0.1"], "--beta"), (["--recipe", "release"], "--recipe"),
@@ -1235,6 +1257,7 @@ def test_sigint_finishes_the_step_saves_and_exits_cleanly(tmp_path):
     last = phase(read_log(out), "rl")[-1]["step"]
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == last < 100000 and ckpt["evaluated"] is False  # its evaluation comes on resume
+    assert stdout.strip().splitlines()[-1].startswith("stopped: RL")
 
 
 @pytest.mark.parametrize("nproc", [None, 2])

@@ -19,10 +19,11 @@ exactly on-policy), when there is a distillation term:
     eot_kl_share, wrong_kl_share  the share of the KL to the teacher on end-of-text tokens, and on
                                   the first token where a rollout departs from the reference answer
     kl_teacher_pos, tokens_pos    the KL per token of rollouts with A > 0, and their share of tokens
-and every --diag_every steps (0: never): the gradient norm of each loss term on its own and the
-cosine of the outcome and distillation gradients; for the student-teacher and the
-policy-reference pairs the exact KL (each side from its own weights and head) next to the
-sampled-token estimators k1, k2, k3 (means and stds over the response tokens of all ranks).
+and every --diag_every steps d (0: never; at steps 1, 1 + d, 1 + 2d, ...): the gradient norm of
+each loss term on its own and the cosine of the outcome and distillation gradients; for the
+student-teacher and the policy-reference pairs the exact KL (each side from its own weights and
+head) next to the sampled-token estimators k1, k2, k3 (means and stds over the response tokens of
+all ranks).
 """
 import argparse
 import os
@@ -187,8 +188,9 @@ def main(argv=None):
     p.add_argument("--context", default="answer", help=", ".join(CONTEXTS))
     p.add_argument("--context_noise", type=float, default=0.0)
     p.add_argument("--diag_every", type=int, default=0)
+    p.error = sdpg.die  # one line, as sdpg.py's
     ours, rest = p.parse_known_args(argv)
-    if ours.context != "answer" and "--sft_teacher_until" not in rest:
+    if ours.context != "answer" and not any(a.startswith("--sft_t") for a in rest):
         rest += ["--sft_teacher_until", "0"]  # a teacher bar only for the exact answer
     try:
         d = sdpg.parser.parse_known_args(rest)[0]  # the task's size, as sdpg.py reads it

@@ -99,7 +99,8 @@ def figure(ex, args, path):
     im = ax.imshow(kl, cmap="Oranges", vmin=0, aspect="auto")
     for i, r in enumerate(rows):
         for t, tok in enumerate(r["tokens"]):
-            ax.text(t, i, f"{tok['token']}\n{tok['p']:.2f} / {tok['q']:.2f}", ha="center", va="center",
+            text = tok["token"] if tok["token"].isprintable() else repr(tok["token"])[1:-1]
+            ax.text(t, i, f"{text}\n{tok['p']:.2f} / {tok['q']:.2f}", ha="center", va="center",
                     fontsize=8)
     ax.set_yticks(range(len(rows)), [f"{i}: A {r['adv']:+.2f}" + ("  distilled" if r["gated_in"] else "")
                                      for i, r in enumerate(rows)], fontsize=8)
