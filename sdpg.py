@@ -745,12 +745,18 @@ def read_sft(path, key):  # sft.pt's contents if readable and made from these in
         return print0(f"warm start: ignoring {e}")
     return cached if cached is not None and cached["key"] == key else None
 
-def read_resume(path):
+def read_resume(path):  # the checkpoint --resume names, its fields and its schedule checked
     try:
-        return load_checkpoint(path, dict(model=dict, ref_model=dict, optimizer=dict, step=int,
+        ckpt = load_checkpoint(path, dict(model=dict, ref_model=dict, optimizer=dict, step=int,
                                           model_args=dict, config=dict, rng=list))
     except ValueError as e:
         die(f"--resume {e}")
+    schedule = [ckpt["config"].get(k, 0) for k in ("rl_steps", "beta_warmup", "beta_decay",
+                                                   "beta_horizon")]
+    if "rl_steps" not in ckpt["config"] or not all(type(v) in (int, float) and v >= 0
+                                                   for v in schedule):
+        die(f"--resume {path}: not an SDPG checkpoint (no valid schedule in its config)")
+    return ckpt
 
 # a resumed run continues the same algorithm: these flags must equal the checkpoint's
 SAME_ON_RESUME = ("algo", "recipe", "beta", "alpha", "clip_low", "clip_high", "dual_clip",

@@ -1154,7 +1154,7 @@ def good_checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "foreign", "pickle", "text", "step", "config", "rng", "model_args",
-                                  "weights", "optimizer"])
+                                  "weights", "optimizer", "schedule"])
 def test_bad_checkpoints_give_one_line_and_run_no_pickle(kind, good_checkpoint, tmp_path, monkeypatch, capsys):
     bad = tmp_path / "bad.pt"
     ckpt = torch.load(good_checkpoint / "ckpt.pt", weights_only=True)
@@ -1166,6 +1166,9 @@ def test_bad_checkpoints_give_one_line_and_run_no_pickle(kind, good_checkpoint, 
         torch.save({"model": Exploit()}, bad, _use_new_zipfile_serialization=True)
     elif kind == "text":
         bad.write_text("not a checkpoint")
+    elif kind == "schedule":  # a config whose schedule is not numbers
+        ckpt["config"]["beta_warmup"] = "soon"
+        torch.save(ckpt, bad)
     else:  # one field malformed
         ckpt[kind] = {"step": "3", "config": [1, 2], "rng": "streams", "model_args": 7,
                       "weights": None, "optimizer": {"state": 5}}[kind] if kind != "weights" else None
