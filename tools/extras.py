@@ -189,6 +189,8 @@ def main(argv=None):
     p.add_argument("--context_noise", type=float, default=0.0)
     p.add_argument("--diag_every", type=int, default=0)
     p.error = sdpg.die  # one line, as sdpg.py's
+    if {"-h", "--help"} & set(argv if argv is not None else sys.argv[1:]):
+        print(__doc__.strip() + "\n\nThe flags of sdpg.py:\n")  # then sdpg.py's --help
     ours, rest = p.parse_known_args(argv)
     if ours.context != "answer" and not any(a.startswith("--sft_t") for a in rest):
         rest += ["--sft_teacher_until", "0"]  # a teacher bar only for the exact answer
