@@ -746,6 +746,8 @@ def read_sft(path, key):  # sft.pt's contents if readable and made from these in
     return cached if cached is not None and cached["key"] == key else None
 
 def read_resume(path):  # the checkpoint --resume names, its fields and its schedule checked
+    if not os.path.isfile(path):
+        die(f"--resume {path}: no such file")
     try:
         ckpt = load_checkpoint(path, dict(model=dict, ref_model=dict, optimizer=dict, step=int,
                                           model_args=dict, config=dict, rng=list))
@@ -819,7 +821,6 @@ def resume(run, ckpt):
 def validate(a):  # the flag checks that no flag's type makes; one line and exit 2 at the first
     for ok, msg in [
         (a.n_embd % a.n_head == 0, "--n_embd must be a multiple of --n_head"),
-        (not a.resume or os.path.isfile(a.resume), f"--resume {a.resume}: no such file"),
         (a.device in ("auto", "cpu") or re.fullmatch(r"cuda(:[0-9]+)?", a.device),
          f"--device {a.device}: use auto, cpu, cuda or cuda:N"),
         (not a.device.startswith("cuda") or torch.cuda.is_available(),
