@@ -38,7 +38,8 @@ Deliberate choices:
 Official code cited: github.com/yifanzhang-pro/SDPG at 0c818c0 (core_algos.py and ray_trainer.py
 in verl/trainer/ppo/, dp_actor.py in verl/workers/actor/, examples/rpg2_trainer/*.sh).
 
-    python sdpg.py  |  torchrun --standalone --nproc_per_node=4 sdpg.py      (CPU or one GPU | DDP)
+    python sdpg.py                                      # CPU or one GPU
+    torchrun --standalone --nproc_per_node=4 sdpg.py    # DDP
 """
 import argparse
 import copy
