@@ -582,19 +582,19 @@ def train(args, task, hook=None, ckpt=None):
 
     # stage 1, cached in sft.pt under the key of all its inputs
     sft_path, key = os.path.join(args.out_dir, "sft.pt"), sft_key(run, model_args)
-    cached = None if ckpt is not None else read_sft(sft_path, key)
+    cached, val = None if ckpt is not None else read_sft(sft_path, key), None
     if cached is not None:
         model.load_state_dict(cached["model"])
         print0(f"warm start: reusing {sft_path}")
+        val = cached.get("val")
     elif ckpt is None and args.sft_steps > 0:
         finished, val = warm_start(run, wrap(model), stop)
         if not finished:  # interrupted
             teardown(run)
             raise SystemExit(130)
         save_or_stop(run, lambda: {"model": model.state_dict(), "key": key, "val": val}, sft_path)
-        cached = {"val": val}
-    if cached is not None and cached.get("val"):  # below its bars, now or when it ran
-        shortfall(run, cached["val"])
+    if val:  # below its bars, now or when it ran
+        shortfall(run, val)
 
     # stage 2: RL
     run.ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref
@@ -688,8 +688,9 @@ class StopRequest:
         self.requested, self.when = True, self.when or time.time()
 
     def any_rank(self, device):  # every rank calls it: under DDP an all-reduce and a host sync
-        flag = torch.tensor(float(self.requested), device=device)
-        return self.requested if not dist.is_initialized() else all_sum(flag).item() > 0
+        if not dist.is_initialized():
+            return self.requested
+        return all_sum(torch.tensor(float(self.requested), device=device)).item() > 0
 
 def save_atomic(obj, path):  # to path.tmp, then renamed: a kill mid-save keeps the old file
     try:
@@ -743,7 +744,8 @@ def read_sft(path, key):  # sft.pt's contents if readable and made from these in
     try:
         cached = load_checkpoint(path, dict(model=dict, key=dict)) if os.path.exists(path) else None
     except ValueError as e:
-        return print0(f"warm start: ignoring {e}")
+        print0(f"warm start: ignoring {e}")
+        return None
     return cached if cached is not None and cached["key"] == key else None
 
 def read_resume(path):  # the checkpoint --resume names, its fields and its schedule checked
@@ -806,8 +808,9 @@ def resume(run, ckpt):
         torch.set_rng_state(fresh[2])
     if why:
         print0(f"resume: {why}: new random streams")
-    changed = {k: [config.get(k, config["rl_steps"]), getattr(a, k)] for k in ("rl_steps",
-               "beta_warmup", "beta_decay", "beta_horizon") if config.get(k) != getattr(a, k)}
+    saved = {"beta_horizon": config["rl_steps"], **config}  # older checkpoints: the run's own T
+    changed = {k: [saved.get(k), getattr(a, k)] for k in ("rl_steps", "beta_warmup", "beta_decay",
+               "beta_horizon") if saved.get(k) != getattr(a, k)}
     for k in sorted(set(changed) - {"rl_steps"}):
         print0(f"resume: {k} {changed[k][1]} replaces the checkpoint's {changed[k][0]}")
     if a.beta_horizon != a.rl_steps:
