@@ -206,6 +206,7 @@ BASELINES = {  # the official baseline scripts' settings, whatever the recipe
     "rlsd": dict(clip_low=0.2, clip_high=0.2, dual_clip=3.0, alpha=0.0, kl_in_reward=0.0)}
 RLSD_LAMBDA, RLSD_DECAY, RLSD_CLIP = 0.5, 50, 0.2  # lambda 0.5 -> 0 over 50 steps (core_algos.py)
 SFT_LR, SFT_HINT_FRAC, WEIGHT_DECAY = 1e-3, 0.5, 0.1  # warm start: half the problems show c
+VAL_SIZE = 1000  # the warm start's validation problems: resolves its bar to about +-0.01
 MAX_BAD_STEPS = 3  # stop after this many RL steps in a row with a non-finite update
 
 def recipe_help(k, what):  # '<what>; recipe: paper 0.2, release 0.28; grpo 0.2, rlsd 0.2'
@@ -350,12 +351,14 @@ class Run:
 
 def warm_start(run, train_model, stop):
     """Cross-entropy on the reference answers, half the problems shown with c, until the student
-    view solves --sft_until of a validation set and the teacher view --sft_teacher_until (checked
-    every 25 steps), or --sft_steps. Returns (finished, val): val the accuracies if short."""
+    view solves --sft_until of a validation set and the teacher view --sft_teacher_until, or
+    --sft_steps. Returns (finished, val): val the accuracies if short. Addition is learned in a
+    jump of a point or two a step, so the check comes every 10 steps and, once the student is
+    halfway to its bar, every step: RL starts at the bar, not past it."""
     args, model = run.args, run.model
     opt = torch.optim.AdamW(model.parameters(), lr=SFT_LR, weight_decay=WEIGHT_DECAY)
-    rng, t_start = np.random.default_rng([args.seed, run.rank, 0]), time.time()
-    val_set = run.task.sample(np.random.default_rng([args.seed, 2]), 256)  # never held out
+    rng, t_start, next_check = np.random.default_rng([args.seed, run.rank, 0]), time.time(), 10
+    val_set = run.task.sample(np.random.default_rng([args.seed, 2]), VAL_SIZE)  # never held out
     for step in range(1, args.sft_steps + 1):
         x, y = (torch.tensor(v, device=run.device) for v in sft_batch(
             run.enc, run.task, rng, args.sft_batch // run.world_size, SFT_HINT_FRAC))
@@ -377,8 +380,9 @@ def warm_start(run, train_model, stop):
             loss_avg, t = all_sum(loss.detach().clone()).item() / run.world_size, time.time()
             print0(f"sft {step}/{args.sft_steps} | loss {loss_avg:.4f} | {t - t_start:.0f}s")
             run.log({"phase": "sft", "step": step, "loss": loss_avg, "time": t - t_start})
-        if args.sft_until > 0 and (step % 25 == 0 or step == args.sft_steps):
+        if args.sft_until > 0 and (step == next_check or step == args.sft_steps):
             val = evaluate(run, model, val_set)
+            next_check = step + (1 if val[0] >= args.sft_until / 2 else 10)
             if val[0] >= args.sft_until and val[1] >= args.sft_teacher_until:  # both views
                 print0(f"sft {step} | val acc {val[0]:.3f}, teacher {val[1]:.3f}: warm start done")
                 run.log(dict(phase="sft", step=step, val_acc=val[0], val_teacher_acc=val[1]))
@@ -398,7 +402,7 @@ def sft_key(run, model_args):  # every input of stage 1: sft.pt is reused only i
            "sft_teacher_until", "grad_clip", "max_new_tokens", "dtype")}
     return dict(key, task=repr(run.task), tokenizer=run.enc.name, model_args=model_args,
                 world_size=run.world_size, device=run.device.type, sft_lr=SFT_LR,
-                hint_frac=SFT_HINT_FRAC, weight_decay=WEIGHT_DECAY)
+                hint_frac=SFT_HINT_FRAC, weight_decay=WEIGHT_DECAY, val_size=VAL_SIZE)
 
 
 # -----------------------------------------------------------------------------

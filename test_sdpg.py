@@ -1052,22 +1052,24 @@ def test_help_shows_what_each_recipe_sets():
 # the warm start: its bars, its cache
 
 def test_warm_start_stops_at_the_first_check_where_both_views_meet_their_bars(monkeypatch):
-    """Bars 0.2 (student) and 0.9 (teacher view), checked every 25 steps: scripted validation
-    accuracies meet one bar at the first check, the other at the second, both at the third."""
-    answers = iter([(0.3, 0.5), (0.1, 0.95), (0.25, 0.95), (0.9, 1.0)])
-    calls = []
-    monkeypatch.setattr(sdpg, "evaluate", lambda run, model, problems: calls.append(1) or next(answers))
+    """Bars 0.2 (student) and 0.9 (teacher view): checked every 10 steps, and every step once the
+    student is at half its bar. Scripted validation accuracies: below half (next check 10 steps
+    on), at half (next check 1 step on), the student's bar alone, the teacher's alone, both."""
+    answers = iter([(0.05, 0.5), (0.1, 0.5), (0.3, 0.5), (0.15, 0.95), (0.25, 0.95)])
+    steps = []
+    monkeypatch.setattr(sdpg, "evaluate", lambda run, model, problems: (
+        steps.append(len(problems)), next(answers))[1])
     log = []
     args = parse("--sft_steps", "200", "--sft_batch", "4", "--sft_until", "0.2", "--sft_teacher_until", "0.9")
     model = tiny_gpt()
     finished, val = sdpg.warm_start(make_run(model, args, log=log.append), model, AskedStop(False))
-    assert finished and val is None and len(calls) == 3
-    assert [r["step"] for r in log if "val_acc" in r] == [75]
+    assert finished and val is None and steps == [sdpg.VAL_SIZE] * 5
+    assert [r["step"] for r in log if "val_acc" in r] == [23]  # checks at 10, 20, 21, 22, 23
     # never reached: the run goes on, and says so with the accuracies it had
-    answers, calls[:] = iter([(0.1, 0.95)] * 8), []
+    answers, steps[:] = iter([(0.05, 0.95)] * 5), []
     args.sft_steps = 50
     finished, val = sdpg.warm_start(make_run(model, args, log=log.append), model, AskedStop(False))
-    assert finished and val == (0.1, 0.95) and len(calls) == 2
+    assert finished and val == (0.05, 0.95) and len(steps) == 5  # steps 10, 20, ..., 50
 
 
 def test_a_warm_start_that_falls_short_says_so_and_so_does_its_cache(tmp_path, monkeypatch, capsys):

@@ -38,8 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 # 4 samples per problem for mean@4; the study takes 200 steps, greedy evaluations every 20)
 COMMON = ["--rl_steps", "200", "--eval_every", "20", "--eval_samples", "0", "--diag_every", "50"]
 REGIMES = {  # flags of the warm start (and so of every run) | accuracy target for "steps to target"
-    "default": ([], 0.5),
-    "sparse": (["--sft_until", "0.03"], 0.05),  # a shorter warm start: the student at 1 to 5%
+    "default": ([], 0.5),  # the warm start stops with the student at 20%
+    "sparse": (["--sft_until", "0.03"], 0.05),  # a shorter warm start: the student at 3%
+    "strong": (["--sft_until", "0.4"], 0.6),  # a longer one: the student at 40%
     "digits3": (["--digits", "3"], 0.3),  # a harder task, run on request: --regimes digits3
 }
 ARMS = {  # name: flags on top of sdpg.py's defaults (beta 0.05, alpha 1e-3, urkl)
@@ -56,24 +57,35 @@ EXTRA = {  # run on request with --arms
     "release_beta0": ["--recipe", "release", "--beta", "0"],  # the release recipe without distillation
     "grpo_no_kl_reward": ["--algo", "grpo", "--kl_in_reward", "0"],  # official GRPO less its reward penalty
 }
-SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "digits3": [0, 1, 2]}  # unless --seeds
+SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "strong": [0, 1, 2], "digits3": [0, 1, 2]}
+# Named floating-point configurations of the CPU math libraries (environment variables of every
+# run). The same machine, library settings and thread count give the same numbers to the last
+# digit; another setting sums in another order, as another CPU would, and a claim that holds
+# under two of them is not an accident of one. Check that a setting changes the numbers on your
+# machine: "avx2" is the default on a CPU without AVX-512.
+FLOAT_CONFIGS = {"default": {},
+                 "compatible": {"MKL_CBWR": "COMPATIBLE"},  # MKL's portable kernels (1.5x slower)
+                 "avx2": {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},  # an AVX2-only CPU
+                 "scalar": {"ATEN_CPU_CAPABILITY": "default"}}  # torch's unvectorised kernels (3x)
 KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each log
         "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd", "beta", "eot_kl_share",
                "wrong_kl_share", "kl_teacher_pos", "tokens_pos"),
         "diag": ("grad_norm_out", "grad_norm_opd", "grad_norm_ref", "grad_cos_out_opd")}  # rl records with diagnostics
 
 
-def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None):
+def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default", warm_only=False):
     """Warm starts first (one per regime and seed), then every arm; at most `jobs` processes.
-    seeds: a list, or None for each regime's SEEDS. table: {regime: (flags, ...)}, REGIMES by default."""
+    seeds: a list, or None for each regime's SEEDS. table: {regime: (flags, ...)}, REGIMES by
+    default. fp: a name in FLOAT_CONFIGS, the math libraries' settings of every run."""
     table = table or REGIMES
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           **FLOAT_CONFIGS[fp]}
     warm = [(r, s, os.path.join(out_root, r, f"warm_s{s}"), table[r][0] + ["--rl_steps", "0", "--eval_samples", "0"])
             for r in regimes for s in seeds or SEEDS[r]]
     runs = [(r, s, os.path.join(out_root, r, f"{a}_s{s}"), table[r][0] + COMMON + {**ARMS, **EXTRA}[a])
             for r in regimes for a in arms for s in seeds or SEEDS[r]]
-    runs = [run for run in runs if not complete(run[2])]  # a finished run is kept, not run again
-    warm = [w for w in warm if not complete(w[2]) and any((r, s) == w[:2] for r, s, _, _ in runs)]
+    runs = [] if warm_only else [run for run in runs if not complete(run[2])]  # finished: kept
+    warm = [w for w in warm if not complete(w[2]) and (warm_only or any((r, s) == w[:2] for r, s, _, _ in runs))]
     for phase, todo in (("warm start", warm), ("runs", runs)):
         pending, active, t0 = list(todo), [], time.time()
         print(f"{phase}: {len(todo)} processes, {jobs} at a time", flush=True)
@@ -116,13 +128,29 @@ def complete(out):
     return len(records) > 1 and records[-1]["phase"] == "eval" and records[-1]["step"] == records[0]["rl_steps"]
 
 
-def collect(regime, out_root, results):
+def tag(regime, fp):  # the name of a regime's collected file under a floating-point configuration
+    return regime if fp == "default" else f"{regime}_{fp}"
+
+
+def collect(regime, out_root, results, fp="default"):
     """The fields KEEP of every finished run's log.jsonl in out_root/<regime> (every arm and seed
-    found) into results/<regime>.jsonl: one line per run, {arm, seed, config, eval: {field: [...]},
-    rl: {...}}, values rounded to 5 decimals."""
-    path = os.path.join(results, f"{regime}.jsonl")
+    found) into results/<regime>[_<fp>].jsonl: one line per run, {arm, seed, config, eval: {field:
+    [...]}, rl: {...}}, values rounded to 5 decimals; and one line per warm start, {arm: "warm",
+    seed, config, sft_steps (where it stopped), val_acc, eval_acc, teacher_acc (held-out, RL step 0)}."""
+    path = os.path.join(results, f"{tag(regime, fp)}.jsonl")
     found = os.listdir(os.path.join(out_root, regime))
     with open(path, "w") as out:
+        for seed in sorted(int(d[6:]) for d in found if d.startswith("warm_s") and d[6:].isdigit()):
+            warm_dir = os.path.join(out_root, regime, f"warm_s{seed}")
+            if complete(warm_dir):
+                with open(os.path.join(warm_dir, "log.jsonl")) as f:
+                    records = [json.loads(line) for line in f]
+                sft = [r for r in records if r["phase"] == "sft" and "val_acc" in r]
+                sft_step = max([r["step"] for r in records if r["phase"] == "sft" and "step" in r] or [0])
+                ev = next(r for r in records if r["phase"] == "eval")
+                out.write(json.dumps({"arm": "warm", "seed": seed, "config": {k: v for k, v in records[0].items() if k != "phase"},
+                                      "sft_steps": sft_step, "val_acc": round(sft[-1]["val_acc"], 5) if sft else None,
+                                      "eval_acc": round(ev["eval_acc"], 5), "teacher_acc": round(ev["teacher_acc"], 5)}) + "\n")
         for arm in {**ARMS, **EXTRA}:
             for seed in sorted(int(d[len(arm) + 2:]) for d in found if d.startswith(f"{arm}_s") and d[len(arm) + 2:].isdigit()):
                 run_dir = os.path.join(out_root, regime, f"{arm}_s{seed}")
@@ -141,11 +169,15 @@ def collect(regime, out_root, results):
 
 
 def load(path):
-    """{arm: {seed: {"config": flags, "eval": [records], "rl": [records]}}} from a collected file."""
+    """{arm: {seed: {"config": flags, "eval": [records], "rl": [records]}}} from a collected file;
+    the warm starts under runs["warm"][seed] as collected."""
     runs = {}
     with open(path) as f:
         for line in f:
             run = json.loads(line)
+            if run["arm"] == "warm":
+                runs.setdefault("warm", {})[run["seed"]] = run
+                continue
             as_records = {phase: [dict(zip(cols, vals)) for vals in zip(*cols.values())]
                           for phase, cols in ((p, run.get(p, {})) for p in KEEP)}
             runs.setdefault(run["arm"], {})[run["seed"]] = {"config": run["config"], **as_records}
@@ -255,10 +287,66 @@ def figure(all_runs, out):
     return out
 
 
-def report(regimes, results):
+def landing_table(regime, results, fps):
+    """Where each warm start of a regime landed, under each floating-point configuration collected:
+    the student's held-out accuracy at the start of RL (and the warm-start step it stopped at)."""
+    bar = float(dict(zip(*[iter(REGIMES[regime][0])] * 2)).get("--sft_until", 0.2))
+    lines, worst = [], 0.0
+    for fp in fps:
+        path = os.path.join(results, f"{tag(regime, fp)}.jsonl")
+        warm = load(path).get("warm", {}) if os.path.exists(path) else {}
+        if warm:
+            worst = max([worst] + [abs(w["eval_acc"] - bar) for w in warm.values()])
+            cells = ", ".join(f"{w['eval_acc']:.3f} ({w['sft_steps']})" for _, w in sorted(warm.items()))
+            lines.append(f"| {fp} | {', '.join(str(k) for k in sorted(warm))} | {cells} |")
+    head = [f"Warm starts, regime {regime} (bar {bar}): held-out student accuracy at RL step 0 "
+            f"(warm-start steps); largest distance from the bar {worst:.3f}", "",
+            "| configuration | seeds | student accuracy (steps) |", "|---|---|---|"]
+    return "\n".join(head + lines) + "\n" if lines else ""
+
+
+CLAIMS = [  # (label, arm, reference arm, step: None for the final evaluation)
+    ("paper recipe - official GRPO, final", "paper_urkl", "grpo", None),
+    ("release recipe - official GRPO, final", "release", "grpo", None),
+    ("GRPO without its reward penalty - official GRPO, final", "grpo_no_kl_reward", "grpo", None),
+    ("paper recipe - paper beta 0, final", "paper_urkl", "paper_beta0", None),
+    ("release recipe - release beta 0, final", "release", "release_beta0", None),
+    ("release recipe - release beta 0, step 40", "release", "release_beta0", 40)]
+
+
+def claims_table(columns, results):
+    """The headline comparisons side by side, one column per (regime, configuration): each a paired
+    gap in final held-out accuracy, mean +- std over seeds, with how many seeds are ahead."""
+    data = {}
+    for regime, fp in columns:
+        path = os.path.join(results, f"{tag(regime, fp)}.jsonl")
+        if os.path.exists(path):
+            data[(regime, fp)] = load(path)
+    lines = ["| comparison | " + " | ".join(f"{r}, {fp}" for r, fp in data) + " |",
+             "|---|" + "---|" * len(data)]
+    def cell(runs, arm, ref, step):
+        if arm not in runs or ref not in runs:
+            return "-"
+        seeds = [k for k in runs[arm] if k in runs[ref]]
+        at = (lambda e: e[-1]["eval_acc"]) if step is None else (lambda e: acc_at(e, step))
+        gaps = [at(runs[arm][k]["eval"]) - at(runs[ref][k]["eval"]) for k in seeds]
+        m, sd = mean_std(gaps)
+        return f"{m:+.3f} ± {sd:.3f} ({sum(g > 0 for g in gaps)}/{len(gaps)} ahead)"
+    start = [" / ".join(f"{runs['grpo'][k]['eval'][0]['eval_acc']:.2f}" for k in sorted(runs["grpo"]))
+             if "grpo" in runs else "-" for runs in data.values()]
+    lines.append("| student accuracy at the start of RL, per seed | " + " | ".join(start) + " |")
+    final = [("{:.3f} ± {:.3f}".format(*mean_std([s["eval"][-1]["eval_acc"] for s in runs["grpo"].values()]))
+              if "grpo" in runs else "-") for runs in data.values()]
+    lines.append("| official GRPO, final accuracy | " + " | ".join(final) + " |")
+    for label, arm, ref, step in CLAIMS:
+        lines.append(f"| {label} | " + " | ".join(cell(runs, arm, ref, step) for runs in data.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(regimes, results, fp="default"):
     all_runs = {}
     for regime in regimes:
-        path = os.path.join(results, f"{regime}.jsonl")
+        path = os.path.join(results, f"{tag(regime, fp)}.jsonl")
         if not os.path.exists(path):
             sys.exit(f"study.py: error: {path} does not exist; run the study first")
         all_runs[regime] = load(path)
@@ -269,10 +357,19 @@ def report(regimes, results):
                 md += (f"\n### Regime: {regime}, gaps to {ref_arm}\n\n" +
                        table(all_runs[regime], REGIMES[regime][1], [ref_arm, *with_beta], ref_arm))
         md += f"\n### Regime: {regime}, the distillation signal\n\n" + mechanism_table(all_runs[regime], arms)
-        with open(os.path.join(results, f"{regime}.md"), "w") as f:
+        with open(os.path.join(results, f"{tag(regime, fp)}.md"), "w") as f:
             f.write(md)
         print(md)
+    # every regime and configuration collected so far, side by side: claims.md
+    found = [(r, c) for r in REGIMES for c in FLOAT_CONFIGS if os.path.exists(os.path.join(results, f"{tag(r, c)}.jsonl"))]
+    md = "### The headline comparisons under each configuration\n\n" + claims_table(found, results)
+    for regime in dict(found):
+        md += "\n" + landing_table(regime, results, [c for r, c in found if r == regime])
+    with open(os.path.join(results, "claims.md"), "w") as f:
+        f.write(md)
+    print(md)
     suffix = "" if regimes == ["default", "sparse"] else "_" + "_".join(regimes)  # study.png: the two regimes
+    suffix += "" if fp == "default" else f"_{fp}"
     try:
         main = {regime: {a: runs[a] for a in {**ARMS, **EXTRA} if a in runs} for regime, runs in all_runs.items()}
         print("figure:", figure(main, os.path.join(results, f"study{suffix}.png")))
@@ -285,18 +382,29 @@ if __name__ == "__main__":
     parser.add_argument("--regimes", nargs="+", default=["default", "sparse"], choices=list(REGIMES))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS) + list(EXTRA))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0-4 in the default regime, 0-2 otherwise")
+    parser.add_argument("--fp", default="default", choices=list(FLOAT_CONFIGS),
+                        help="floating-point configuration of every run (FLOAT_CONFIGS); its runs go to "
+                             "out/study_<fp>/ and results/study/<regime>_<fp>.*")
+    parser.add_argument("--warm_only", action="store_true", help="only the warm starts: where they land")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    parser.add_argument("--out_dir", default=os.path.join("out", "study"), help="the runs' own directories")
+    parser.add_argument("--out_dir", default=None, help="the runs' own directories (default: out/study, "
+                        "or out/study_<fp> under --fp)")
     parser.add_argument("--results", default=os.path.join(ROOT, "results", "study"), help="collected logs, tables, figure")
     parser.add_argument("--report", action="store_true", help="only redraw the tables and figure from --results")
     args, extra = parser.parse_known_args()  # anything else is passed on to every sdpg.py run
+    args.out_dir = args.out_dir or os.path.join("out", "study" if args.fp == "default" else f"study_{args.fp}")
     os.makedirs(args.results, exist_ok=True)
     if not args.report:
-        if args.jobs < 1 or "grpo" not in args.arms:
+        if args.jobs < 1 or ("grpo" not in args.arms and not args.warm_only):
             sys.exit("study.py: error: --jobs must be >= 1 and the arms must include grpo (the gaps are to it)")
         t0 = time.time()
-        run_all(args.regimes, args.seeds, args.arms, args.jobs, args.out_dir, extra)
+        run_all(args.regimes, args.seeds, args.arms, args.jobs, args.out_dir, extra, fp=args.fp,
+                warm_only=args.warm_only)
         for regime in args.regimes:
-            collect(regime, args.out_dir, args.results)
+            collect(regime, args.out_dir, args.results, args.fp)
         print(f"study: {len(args.regimes)} regime(s) x {len(args.arms)} arms in {(time.time() - t0) / 60:.1f} min")
-    report(args.regimes, args.results)
+    if args.warm_only:
+        for regime in args.regimes:
+            print(landing_table(regime, args.results, [args.fp]))
+    else:
+        report(args.regimes, args.results, args.fp)
