@@ -1579,6 +1579,47 @@ def test_study_table_against_hand_computed_seed_statistics(tmp_path):
                           "0.000 ± 0.000", f"0.050 ± {math.sqrt(0.045):.3f}"]
 
 
+def test_study_landing_and_claims_tables_by_hand(tmp_path):
+    """Two warm starts and two arms x two seeds under two floating-point configurations, made up:
+    where each warm start landed (step, held-out accuracy at RL step 0, distance to the bar), and
+    the paired gaps side by side with how many seeds are ahead, worked by hand."""
+    import study
+    finals = {"default": {("grpo", 0): 0.3, ("grpo", 1): 0.5, ("release", 0): 0.5, ("release", 1): 0.4},
+              "compatible": {("grpo", 0): 0.4, ("grpo", 1): 0.4, ("release", 0): 0.6, ("release", 1): 0.5}}
+    for fp, runs in finals.items():
+        root = tmp_path / fp
+        for seed, (stop, start) in enumerate([(176, 0.21), (190, 0.17)]):
+            os.makedirs(root / "default" / f"warm_s{seed}")
+            with open(root / "default" / f"warm_s{seed}" / "log.jsonl", "w") as f:
+                for r in ({"phase": "config", "eval_size": 1000, "rl_steps": 0},
+                          {"phase": "sft", "step": 100, "loss": 0.5},
+                          {"phase": "sft", "step": stop, "val_acc": 0.2, "val_teacher_acc": 1.0},
+                          {"phase": "eval", "step": 0, "eval_acc": start, "teacher_acc": 1.0}):
+                    f.write(json.dumps(r) + "\n")
+        for (arm, seed), acc in runs.items():
+            os.makedirs(root / "default" / f"{arm}_s{seed}")
+            with open(root / "default" / f"{arm}_s{seed}" / "log.jsonl", "w") as f:
+                for r in ({"phase": "config", "eval_size": 1000, "rl_steps": 10},
+                          {"phase": "rl", "step": 10, "entropy": 0.5, "reward": 0.3},
+                          {"phase": "eval", "step": 0, "eval_acc": 0.2, "teacher_acc": 1.0},
+                          {"phase": "eval", "step": 10, "eval_acc": acc, "teacher_acc": 1.0}):
+                    f.write(json.dumps(r) + "\n")
+        study.collect("default", str(root), str(tmp_path), fp)
+    assert sorted(os.listdir(tmp_path))[:2] == ["compatible", "default"]
+    assert {r["seed"]: (r["sft_steps"], r["eval_acc"]) for r in study.load_warm(
+        str(tmp_path / "default_compatible.jsonl")).values()} == {0: (176, 0.21), 1: (190, 0.17)}
+    assert "warm" not in study.load(str(tmp_path / "default.jsonl"))  # the arms alone
+    landing = study.landing_table("default", str(tmp_path), ["default", "compatible"])
+    assert "largest distance from the bar 0.030" in landing  # |0.17 - 0.2|
+    assert "| compatible | 0, 1 | 0.210 (176), 0.170 (190) |" in landing
+    claims = study.claims_table([("default", "default"), ("default", "compatible")], str(tmp_path))
+    row = next(line for line in claims.splitlines() if line.startswith("| release recipe - official"))
+    # default: gaps 0.2 and -0.1 (mean 0.05, std sqrt(0.045)); compatible: 0.2 and 0.1
+    assert row.split(" | ")[1:] == [f"+0.050 ± {math.sqrt(0.045):.3f} (1/2 ahead)",
+                                    f"+0.150 ± {math.sqrt(0.005):.3f} (2/2 ahead) |"]
+    assert "| paper recipe - official GRPO, final | - | - |" in claims  # no paper arm: no claim
+
+
 def test_contexts_summary_against_hand_computed_gaps_and_shares():
     """tools/contexts.py on made-up runs of one context, two seeds: the gaps are paired on the seed at
     step 40 and at the end; the KL share on the first wrong token is weighted by each step's KL; the

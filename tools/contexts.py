@@ -189,21 +189,26 @@ if __name__ == "__main__":
                         "(and release_beta0 for release's gap to itself without distillation)")
     parser.add_argument("--quick", action="store_true", help=f"contexts {' '.join(QUICK[0])}, seed 0 "
                         "(22 minutes on 2 CPU cores); its table and figure go to results/contexts_quick/")
+    parser.add_argument("--fp", default="default", choices=list(study.FLOAT_CONFIGS),
+                        help="floating-point configuration of every run (study.FLOAT_CONFIGS)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
-    parser.add_argument("--out_dir", default=os.path.join("out", "contexts"), help="the runs' own directories")
-    parser.add_argument("--results", default=None, help="collected logs, table, figure "
-                        "(default: results/contexts, or results/contexts_quick with --quick)")
+    parser.add_argument("--out_dir", default=None, help="the runs' own directories (default: "
+                        "out/contexts, or out/contexts_<fp> under --fp)")
+    parser.add_argument("--results", default=None, help="collected logs, table, figure (default: "
+                        "results/contexts, results/contexts_quick with --quick; + _<fp> under --fp)")
     parser.add_argument("--report", action="store_true", help="only redraw the table and figure from --results")
     args, extra = parser.parse_known_args()  # anything else is passed on to every sdpg.py run
     if args.quick:
         args.contexts, args.seeds = QUICK
-    args.results = args.results or os.path.join(study.ROOT, "results", "contexts_quick" if args.quick else "contexts")
+    fp = "" if args.fp == "default" else f"_{args.fp}"
+    args.out_dir = args.out_dir or os.path.join("out", "contexts" + fp)
+    args.results = args.results or os.path.join(study.ROOT, "results", ("contexts_quick" if args.quick else "contexts") + fp)
     os.makedirs(args.results, exist_ok=True)
     if not args.report:
         if args.jobs < 1:
             sys.exit("contexts.py: error: --jobs must be >= 1")
         t0 = time.time()
-        study.run_all(args.contexts, args.seeds, args.arms, args.jobs, args.out_dir, extra, CONTEXTS)
+        study.run_all(args.contexts, args.seeds, args.arms, args.jobs, args.out_dir, extra, CONTEXTS, args.fp)
         for ctx in args.contexts:
             study.collect(ctx, args.out_dir, args.results)
         print(f"contexts: {len(args.contexts)} contexts x {len(args.arms)} arms x {len(args.seeds)} seeds "

@@ -169,19 +169,23 @@ def collect(regime, out_root, results, fp="default"):
 
 
 def load(path):
-    """{arm: {seed: {"config": flags, "eval": [records], "rl": [records]}}} from a collected file;
-    the warm starts under runs["warm"][seed] as collected."""
+    """{arm: {seed: {"config": flags, "eval": [records], "rl": [records]}}} from a collected file."""
     runs = {}
     with open(path) as f:
         for line in f:
             run = json.loads(line)
-            if run["arm"] == "warm":
-                runs.setdefault("warm", {})[run["seed"]] = run
+            if run["arm"] == "warm":  # load_warm's
                 continue
             as_records = {phase: [dict(zip(cols, vals)) for vals in zip(*cols.values())]
                           for phase, cols in ((p, run.get(p, {})) for p in KEEP)}
             runs.setdefault(run["arm"], {})[run["seed"]] = {"config": run["config"], **as_records}
     return runs
+
+
+def load_warm(path):
+    """{seed: the warm start's collected line} from a collected file."""
+    with open(path) as f:
+        return {r["seed"]: r for r in map(json.loads, f) if r["arm"] == "warm"}
 
 
 def mean_std(xs):
@@ -294,7 +298,7 @@ def landing_table(regime, results, fps):
     lines, worst = [], 0.0
     for fp in fps:
         path = os.path.join(results, f"{tag(regime, fp)}.jsonl")
-        warm = load(path).get("warm", {}) if os.path.exists(path) else {}
+        warm = load_warm(path) if os.path.exists(path) else {}
         if warm:
             worst = max([worst] + [abs(w["eval_acc"] - bar) for w in warm.values()])
             cells = ", ".join(f"{w['eval_acc']:.3f} ({w['sft_steps']})" for _, w in sorted(warm.items()))
