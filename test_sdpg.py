@@ -1620,6 +1620,38 @@ def test_study_landing_and_claims_tables_by_hand(tmp_path):
     assert "| paper recipe - official GRPO, final | - | - |" in claims  # no paper arm: no claim
 
 
+def test_study_runs_each_process_under_its_named_floating_point_configuration(tmp_path, monkeypatch):
+    """--fp NAME: every warm start and run gets FLOAT_CONFIGS[NAME]'s variables on top of one
+    thread each; the default configuration adds nothing."""
+    import study
+    seen = []
+
+    class Done:  # a process that has already finished, its log complete
+        returncode = 0
+
+        def __init__(self, cmd, stdout, stderr, env):
+            out = cmd[cmd.index("--out_dir") + 1]
+            seen.append((out, env))
+            stdout.write("warm start: reusing sft.pt\n")
+            with open(os.path.join(out, "log.jsonl"), "w") as f:
+                f.write(json.dumps({"phase": "config", "rl_steps": 0}) + "\n")
+                f.write(json.dumps({"phase": "eval", "step": 0}) + "\n")
+            open(os.path.join(out, "sft.pt"), "w").close()
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(study.subprocess, "Popen", Done)
+    monkeypatch.setattr(study.time, "sleep", lambda s: None)
+    for fp in ("compatible", "default"):
+        seen.clear()
+        study.run_all(["default"], [0], ["grpo"], 1, str(tmp_path / fp), [], fp=fp)
+        assert [os.path.basename(out) for out, _ in seen] == ["warm_s0", "grpo_s0"]
+        for _, env in seen:
+            assert env["OMP_NUM_THREADS"] == "1"
+            assert env.get("MKL_CBWR") == ("COMPATIBLE" if fp == "compatible" else os.environ.get("MKL_CBWR"))
+    assert study.FLOAT_CONFIGS["threads2"]["OMP_NUM_THREADS"] == "2"
+
+
 def test_contexts_summary_against_hand_computed_gaps_and_shares():
     """tools/contexts.py on made-up runs of one context, two seeds: the gaps are paired on the seed at
     step 40 and at the end; the KL share on the first wrong token is weighted by each step's KL; the

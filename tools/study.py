@@ -1,11 +1,13 @@
 """
-The paper's comparison in miniature: the official GRPO, SDPG under the paper's recipe (urkl and
-ufkl), SDPG under the released script's recipe, and the paper's "without beta" ablation, x seeds x
-two regimes, from one cached warm start per seed and regime; markdown tables and a figure.
+The paper's comparison in miniature: the official GRPO, SDPG under the paper's recipe and under
+the released script's recipe, each recipe with beta 0 (the paper's "without beta" ablation), and
+the official GRPO without its reward penalty, x seeds x regimes (where the warm start stops), from
+one cached warm start per seed and regime; markdown tables and a figure.
 
-    python tools/study.py                         # both regimes: 5 arms x 5 seeds (default), x 3 (sparse)
-    python tools/study.py --regimes sparse --seeds 0 1 2 3 4
-    python tools/study.py --arms grpo rlsd opd    # baselines beyond the main five (EXTRA)
+    python tools/study.py                         # the default regime: 6 arms x 5 seeds
+    python tools/study.py --fp compatible --seeds 0 1   # the same under a second floating-point configuration
+    python tools/study.py --regimes sparse strong --seeds 0 1 2   # RL from a student at 3% and at 40%
+    python tools/study.py --arms grpo rlsd opd    # baselines beyond the main six (EXTRA)
     python tools/study.py --report                # tables and figure again from results/study/*.jsonl
 
 Each run is `python tools/extras.py <regime flags> <arm flags> --seed S` (sdpg.py with the study's
@@ -13,9 +15,11 @@ logs: loss diagnostics, where the distillation KL falls; see extras.py), one thr
 time. The warm start of each (regime, seed) runs once; every arm of that seed starts RL from a
 copy of its sft.pt (sdpg.py checks the copy's key and prints "reusing"; the study stops if not).
 Full logs stay in out/study/<regime>/<arm>_s<seed>/; the fields the tables and figure use are
-collected into results/study/<regime>.jsonl, which --report reads. A run whose log is complete is
-kept, not run again (delete out/study/<regime> to start over). Needs matplotlib for the figures.
-Flags that study.py does not know are passed on to every sdpg.py run.
+collected into results/study/<regime>.jsonl (with where each warm start landed), which --report
+reads. Under --fp the runs go to out/study_<fp>/ and the results to <regime>_<fp>.*; claims.md
+sets the headline comparisons of every regime and configuration collected side by side. A run
+whose log is complete is kept, not run again (delete out/study/<regime> to start over). Needs
+matplotlib for the figures. Flags that study.py does not know are passed on to every sdpg.py run.
 
 Table columns: final and best held-out greedy accuracy (mean +- std over seeds); steps until the
 accuracy first reaches the regime's target (mean over the seeds that reach it, with how many do);
@@ -46,16 +50,16 @@ REGIMES = {  # flags of the warm start (and so of every run) | accuracy target f
 ARMS = {  # name: flags on top of sdpg.py's defaults (beta 0.05, alpha 1e-3, urkl)
     "grpo": ["--algo", "grpo"],  # the official GRPO: clip 0.2/0.2, no dual clip, k1 KL 1e-3 in the reward
     "paper_urkl": ["--recipe", "paper"],  # SDPG as the paper ran it: gated, beta triangle, clip 0.2/0.2
-    "paper_ufkl": ["--recipe", "paper", "--kl_mode", "ufkl"],  # the paper's other reference penalty
-    "release": ["--recipe", "release"],  # the released script: ungated, constant beta, clip 0.2/0.28
     "paper_beta0": ["--recipe", "paper", "--beta", "0"],  # the paper's "without beta" ablation
+    "release": ["--recipe", "release"],  # the released script: ungated, constant beta, clip 0.2/0.28
+    "release_beta0": ["--recipe", "release", "--beta", "0"],  # the release recipe without distillation
+    "grpo_no_kl_reward": ["--algo", "grpo", "--kl_in_reward", "0"],  # official GRPO less its reward penalty
 }
 EXTRA = {  # run on request with --arms
+    "paper_ufkl": ["--recipe", "paper", "--kl_mode", "ufkl"],  # the paper's other reference penalty
     "rlsd": ["--algo", "rlsd"],  # the teacher reweights the advantage (its official script's clip)
     "opd": ["--algo", "opd", "--recipe", "release"],  # the distillation term alone, no verifier
     "release_gated": ["--recipe", "release", "--opd_gate", "positive"],  # the release recipe with the gate
-    "release_beta0": ["--recipe", "release", "--beta", "0"],  # the release recipe without distillation
-    "grpo_no_kl_reward": ["--algo", "grpo", "--kl_in_reward", "0"],  # official GRPO less its reward penalty
 }
 SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "strong": [0, 1, 2], "digits3": [0, 1, 2]}
 # Named floating-point configurations of the CPU math libraries (environment variables of every
@@ -66,7 +70,8 @@ SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "strong": [0, 1, 2], "
 FLOAT_CONFIGS = {"default": {},
                  "compatible": {"MKL_CBWR": "COMPATIBLE"},  # MKL's portable kernels (1.5x slower)
                  "avx2": {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},  # an AVX2-only CPU
-                 "scalar": {"ATEN_CPU_CAPABILITY": "default"}}  # torch's unvectorised kernels (3x)
+                 "scalar": {"ATEN_CPU_CAPABILITY": "default"},  # torch's unvectorised kernels (3x)
+                 "threads2": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}}  # two threads a run
 KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each log
         "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd", "beta", "eot_kl_share",
                "wrong_kl_share", "kl_teacher_pos", "tokens_pos"),
@@ -372,7 +377,7 @@ def report(regimes, results, fp="default"):
     with open(os.path.join(results, "claims.md"), "w") as f:
         f.write(md)
     print(md)
-    suffix = "" if regimes == ["default", "sparse"] else "_" + "_".join(regimes)  # study.png: the two regimes
+    suffix = "" if regimes == ["default"] else "_" + "_".join(regimes)  # study.png: the default regime
     suffix += "" if fp == "default" else f"_{fp}"
     try:
         main = {regime: {a: runs[a] for a in {**ARMS, **EXTRA} if a in runs} for regime, runs in all_runs.items()}
@@ -382,8 +387,8 @@ def report(regimes, results, fp="default"):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="SDPG vs baselines and ablations, several seeds, two regimes")
-    parser.add_argument("--regimes", nargs="+", default=["default", "sparse"], choices=list(REGIMES))
+    parser = argparse.ArgumentParser(description="SDPG vs baselines and ablations, several seeds and regimes")
+    parser.add_argument("--regimes", nargs="+", default=["default"], choices=list(REGIMES))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS) + list(EXTRA))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0-4 in the default regime, 0-2 otherwise")
     parser.add_argument("--fp", default="default", choices=list(FLOAT_CONFIGS),
