@@ -329,8 +329,9 @@ def claims_table(columns, results):
     data = {}
     for regime, fp in columns:
         path = os.path.join(results, f"{tag(regime, fp)}.jsonl")
-        if os.path.exists(path):
-            data[(regime, fp)] = load(path)
+        runs = load(path) if os.path.exists(path) else {}
+        if runs:  # a configuration with warm starts alone has no comparison to show
+            data[(regime, fp)] = runs
     lines = ["| comparison | " + " | ".join(f"{r}, {fp}" for r, fp in data) + " |",
              "|---|" + "---|" * len(data)]
     def cell(runs, arm, ref, step):
