@@ -5,7 +5,7 @@ the official GRPO without its reward penalty, x seeds x regimes (where the warm 
 one cached warm start per seed and regime; markdown tables and a figure.
 
     python tools/study.py                         # the default regime: 6 arms x 5 seeds
-    python tools/study.py --fp compatible --seeds 0 1   # the same under a second floating-point configuration
+    python tools/study.py --fp compatible --seeds 0 1 2   # the same under a second floating-point configuration
     python tools/study.py --regimes sparse strong --seeds 0 1 2   # RL from a student at 3% and at 40%
     python tools/study.py --arms grpo rlsd opd    # baselines beyond the main six (EXTRA)
     python tools/study.py --report                # tables and figure again from results/study/*.jsonl
