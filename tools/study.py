@@ -123,11 +123,15 @@ def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default
                 print(f"  done {out} ({time.time() - t0:.0f}s, {len(pending)} pending)", flush=True)
 
 
+def read_log(out):  # the records of a run's log.jsonl
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def complete(out):
     """Whether the run in out finished: its log ends with the last evaluation."""
     try:
-        with open(os.path.join(out, "log.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+        records = read_log(out)
     except (OSError, json.JSONDecodeError):
         return False
     return len(records) > 1 and records[-1]["phase"] == "eval" and records[-1]["step"] == records[0]["rl_steps"]
@@ -148,8 +152,7 @@ def collect(regime, out_root, results, fp="default"):
         for seed in sorted(int(d[6:]) for d in found if d.startswith("warm_s") and d[6:].isdigit()):
             warm_dir = os.path.join(out_root, regime, f"warm_s{seed}")
             if complete(warm_dir):
-                with open(os.path.join(warm_dir, "log.jsonl")) as f:
-                    records = [json.loads(line) for line in f]
+                records = read_log(warm_dir)
                 sft = [r for r in records if r["phase"] == "sft" and "val_acc" in r]
                 sft_step = max([r["step"] for r in records if r["phase"] == "sft" and "step" in r] or [0])
                 ev = next(r for r in records if r["phase"] == "eval")
@@ -161,8 +164,7 @@ def collect(regime, out_root, results, fp="default"):
                 run_dir = os.path.join(out_root, regime, f"{arm}_s{seed}")
                 if not complete(run_dir):
                     continue
-                with open(os.path.join(run_dir, "log.jsonl")) as f:
-                    records = [json.loads(line) for line in f]
+                records = read_log(run_dir)
                 run = {"arm": arm, "seed": seed, "config": {k: v for k, v in records[0].items() if k != "phase"}}
                 for phase, fields in KEEP.items():
                     rows = [r for r in records if r["phase"] == (phase if phase != "diag" else "rl")
