@@ -19,9 +19,10 @@ The student view sees x and never c; the teacher view sees c + x. Both views rea
 same response tokens y, the teacher's positions shifted right by len(c) = d + 3.
 
 Every character is encoded as one token (encode_chars), so under any encoding every
-prompt of the task has the same length and a batch of prompts needs no padding.
-Sampled responses may still contain any token of the vocabulary; they are judged as
-decoded text.
+prompt of this task has the same length. A task whose prompts differ in length is padded on
+the left in RL and evaluation (sdpg.left_pad: the model masks the padding and counts positions
+from a row's first token) and on the right in the warm start. Sampled responses may still
+contain any token of the vocabulary; they are judged as decoded text.
 """
 import numpy as np
 import tiktoken
@@ -101,8 +102,9 @@ class AdditionTask:
         answer(p)                the reference response y*, as text (the warm start imitates it)
         reward(text, p)          the verifier: the decoded response -> a float, never raising
 
-    encode_batch() below turns problems into tokens, one per character; every prompt of a batch
-    must have the same length (the model has no padding mask), which fixed-width operands give here.
+    encode_batch() below turns problems into tokens, one per character; prompts, contexts and
+    answers may differ in length from problem to problem. The model's block size comes from the
+    longest teacher prompt and answer of the held-out set: training problems may not be longer.
 
     A repr that names the task's settings lets the warm-start cache tell tasks apart.
     """
@@ -147,11 +149,12 @@ def verify(enc, task, resp, problems, group_size=1):
 
 def sft_batch(enc, task, rng, n, hint_frac):
     """A warm-start batch of n problems, a fraction hint_frac shown with c: token lists of inputs
-    and of targets, both of one length L, targets -1 except on the response; plain rows are padded
-    on the right to the hinted length (causal attention never lets padding reach the response)."""
+    and of targets, both of one length L, targets -1 except on the response; rows are padded on
+    the right to the longest teacher prompt plus the longest target (causal attention never lets
+    padding reach the response, and every row's positions start at its first token)."""
     student, teacher, targets = encode_batch(enc, task, task.sample(rng, n), rng)
     hinted = rng.random(n) < hint_frac
-    L = len(teacher[0]) + len(targets[0]) - 1
+    L = max(map(len, teacher)) + max(map(len, targets)) - 1
     inputs, labels = [], []
     for i in range(n):
         prompt = teacher[i] if hinted[i] else student[i]
@@ -165,13 +168,11 @@ def encode_batch(enc, task, problems, rng):
     """Token lists for a batch of problems, one token per character:
     student prompts x, teacher prompts c + x with c marked as <|hint|> c <|hint|>, and the
     target responses y* + <|endoftext|> (warm start). rng (a numpy Generator) draws the contexts
-    that involve chance, one per problem, in order. Raises ValueError if the prompts differ in length."""
+    that involve chance, one per problem, in order. Lengths may differ from problem to problem."""
     hint = enc.encode_single_token(HINT)
     student = [encode_chars(enc, task.prompt(p)) for p in problems]
     teacher = [[hint] + encode_chars(enc, task.context(p, rng)) + [hint] + x for p, x in zip(problems, student)]
     targets = [encode_chars(enc, task.answer(p)) + [enc.eot_token] for p in problems]
-    if len({len(x) for x in student}) > 1 or len({len(c) for c in teacher}) > 1:
-        raise ValueError("the prompts of a batch must all have the same number of tokens")
     return student, teacher, targets
 
 

@@ -31,11 +31,19 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, n_pad=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is None:  # a whole sequence (the training forward): causal
+        if n_pad is not None:  # left-padded rows: no query attends to a row's first n_pad keys
+            pos = cache.pos if cache is not None else 0  # keys already cached before these T
+            if cache is not None:
+                k, v = cache.update(k, v)
+            key, query = torch.arange(pos + T, device=q.device), torch.arange(pos, pos + T, device=q.device)
+            allowed = (key[None] <= query[:, None]) & (key[None, None] >= n_pad[:, None, None])  # (B, T, pos+T)
+            allowed |= key[None] == query[:, None]  # a padding query sees itself: no empty row, no NaN
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+        elif cache is None:  # a whole sequence (the training forward): causal
             # decided by `cache is None`, a Python constant, never by T: under torch.compile T may be
             # symbolic, and `is_causal=T > 1` (a SymBool) broke the graph here and recompiled per length
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -59,8 +67,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
                                  nn.Linear(4 * config.n_embd, config.n_embd))
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, n_pad=None):
+        x = x + self.attn(self.ln_1(x), cache, n_pad)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -106,49 +114,58 @@ class GPT(nn.Module):
     def lm_head_weight(self):
         return self.wte.weight  # tied: logits = hidden @ wte.weight.T
 
-    def hidden(self, idx, caches=None):
-        """Final hidden states (B, T, C) of token ids idx (B, T); with caches, idx continues them."""
+    def hidden(self, idx, caches=None, n_pad=None):
+        """Final hidden states (B, T, C) of token ids idx (B, T); with caches, idx continues them.
+        n_pad (B,), or None for none: row b starts with n_pad[b] padding tokens (left padding), to
+        which no position attends, and its positions count from its first real token, so a row's
+        states equal those of its unpadded sequence."""
         pos0 = caches[0].pos if caches is not None else 0
         T = idx.size(1)
         assert pos0 + T <= self.config.block_size, f"sequence of {pos0 + T} > block_size {self.config.block_size}"
         pos = torch.arange(pos0, pos0 + T, device=idx.device)
+        if n_pad is not None:
+            pos = (pos[None] - n_pad[:, None]).clamp(min=0)  # (B, T)
         x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches is not None else None)
+            x = block(x, caches[i] if caches is not None else None, n_pad)
         return self.ln_f(x)
 
-    def forward(self, idx, return_hidden=False):
+    def forward(self, idx, return_hidden=False, n_pad=None):
         """Logits (B, T, V) for token ids idx (B, T); with return_hidden, the final hidden states
-        (B, T, C) instead, for a caller that applies the head in chunks (logits = h @ W.T)."""
-        h = self.hidden(idx)
+        (B, T, C) instead, for a caller that applies the head in chunks (logits = h @ W.T).
+        n_pad: left padding of each row, as in hidden()."""
+        h = self.hidden(idx, n_pad=n_pad)
         return h if return_hidden else h @ self.lm_head_weight.T
 
-    def _prefill(self, prompts, max_len, num_samples):
+    def _prefill(self, prompts, max_len, num_samples, n_pad=None):
         """Run prompts (B, Tp) once into fresh caches, then share each prompt's keys and values
-        among num_samples consecutive rows. Returns the last hidden state (B*G, 1, C) and the caches."""
+        among num_samples consecutive rows. Returns the last hidden state (B*G, 1, C), the caches
+        and the rows' left padding (B*G,) (None if none)."""
         caches = [LayerCache(max_len) for _ in self.blocks]
-        h = self.hidden(prompts, caches)[:, -1:]  # (B, 1, C): only the last position is needed
+        h = self.hidden(prompts, caches, n_pad)[:, -1:]  # (B, 1, C): only the last position is needed
         for c in caches:
             c.k, c.v = c.k.repeat_interleave(num_samples, 0), c.v.repeat_interleave(num_samples, 0)
-        return h.repeat_interleave(num_samples, 0), caches
+        n_pad = None if n_pad is None else n_pad.repeat_interleave(num_samples, 0)
+        return h.repeat_interleave(num_samples, 0), caches, n_pad
 
     @torch.no_grad()
-    def score(self, prompts, resp, num_samples=1):
+    def score(self, prompts, resp, num_samples=1, n_pad=None):
         """Final hidden states (B*G, Tr, C) at the positions that predict each token of resp
         (B*G, Tr), where prompt b (of prompts (B, Tp)) precedes rows b*G .. b*G+G-1 of resp. Each
         prompt runs once and its keys and values are shared by its G responses, so a privileged
         prefix c + x costs one pass per prompt, not one per sample. Equals hidden() on the
-        concatenated sequences; no gradient (teacher, pi_old and pi_ref passes)."""
-        h, caches = self._prefill(prompts, prompts.size(1) + resp.size(1), num_samples)
+        concatenated sequences; no gradient (teacher, pi_old and pi_ref passes). n_pad (B,): the
+        prompts' left padding (hidden())."""
+        h, caches, n_pad = self._prefill(prompts, prompts.size(1) + resp.size(1), num_samples, n_pad)
         if resp.size(1) > 1:
-            h = torch.cat([h, self.hidden(resp[:, :-1], caches)], 1)
+            h = torch.cat([h, self.hidden(resp[:, :-1], caches, n_pad)], 1)
         return h
 
     @torch.no_grad()
-    def token_logprobs(self, prompts, resp, num_samples=1, temperature=1.0):
+    def token_logprobs(self, prompts, resp, num_samples=1, temperature=1.0, n_pad=None):
         """log pi(resp_t | prompt, resp_<t) of every response token (B*G, Tr), prompts (B, Tp)
         each shared by G consecutive rows of resp (score, then the head in chunks)."""
-        h = self.score(prompts, resp, num_samples)  # (B*G, Tr, C)
+        h = self.score(prompts, resp, num_samples, n_pad)  # (B*G, Tr, C)
         return chunked_token_logprobs(h.flatten(0, 1), self.lm_head_weight, resp.flatten(),
                                       temperature).view(resp.shape)
 
@@ -161,8 +178,10 @@ class GPT(nn.Module):
             return (h.to(dtype) @ self.lm_head_weight.to(dtype).T).float()
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, eot, num_samples=1, temperature=1.0, generator=None):
-        """Sample continuations of equal-length prompts (B, Tp) with a KV cache.
+    def generate(self, prompts, max_new_tokens, eot, num_samples=1, temperature=1.0, generator=None,
+                 n_pad=None):
+        """Sample continuations of prompts (B, Tp), left-padded by n_pad (B,) if not None, with a
+        KV cache.
 
         Each prompt is prefilled once and its cache shared by its num_samples samples, which
         come out as consecutive rows. temperature 0 means greedy. A row stops at its first
@@ -173,7 +192,7 @@ class GPT(nn.Module):
         generated tokens up to and including each row's first eot.
         """
         B, Tp = prompts.shape
-        h, caches = self._prefill(prompts, Tp + max_new_tokens, num_samples)  # (B*G, 1, C)
+        h, caches, n_pad = self._prefill(prompts, Tp + max_new_tokens, num_samples, n_pad)  # (B*G, 1, C)
         done = torch.zeros(B * num_samples, dtype=torch.bool, device=prompts.device)
         tokens, mask = [], []
         for t in range(max_new_tokens):
@@ -192,23 +211,24 @@ class GPT(nn.Module):
             # the same on every device (running on to max_new_tokens would change both)
             if done.all() or t == max_new_tokens - 1:
                 break
-            h = self.hidden(nxt[:, None], caches)
+            h = self.hidden(nxt[:, None], caches, n_pad)
         return torch.stack(tokens, 1), torch.stack(mask, 1).float()
 
 
-def response_hidden(model, prompt, resp):
+def response_hidden(model, prompt, resp, n_pad=None):
     """Final hidden states (B, Tr, H) at the positions that predict each response token, for
     either view: on the sequence prompt + resp, position Tp - 1 + t predicts resp[:, t]. The
     student passes x as prompt and the teacher c + x; only this offset differs, so both score the
-    same tokens. model may be DDP-wrapped (the call goes through its forward)."""
+    same tokens. n_pad (B,): the prompts' left padding (GPT.hidden). model may be DDP-wrapped
+    (the call goes through its forward)."""
     seq = torch.cat([prompt, resp[:, :-1]], dim=1)  # (B, Tp + Tr - 1)
-    return model(seq, return_hidden=True)[:, prompt.size(1) - 1:]
+    return model(seq, return_hidden=True, n_pad=n_pad)[:, prompt.size(1) - 1:]
 
 
-def response_logits(model, prompt, resp):
+def response_logits(model, prompt, resp, n_pad=None):
     """The logits (B, Tr, V) at those positions: the readable, memory-hungry form, for tests and
     tools; training applies the head in chunks instead."""
-    return response_hidden(model, prompt, resp) @ model.lm_head_weight.T
+    return response_hidden(model, prompt, resp, n_pad) @ model.lm_head_weight.T
 
 
 # -----------------------------------------------------------------------------

@@ -130,6 +130,8 @@ class Rollouts:
     mask: torch.Tensor                 # (B, Tr) 1.0 on response tokens up to the first eot
     is_eot: torch.Tensor               # (B, Tr) True at end-of-text tokens
     rewards: torch.Tensor              # (B,) the verifier's
+    x_pad: Any = None      # (B,) left padding of each x; None: prompts of one length (left_pad)
+    cx_pad: Any = None     # (B,) left padding of each c + x; None: one length
     old_logp: Any = None   # (B, Tr) log pi_old(y_t)   (score_rollouts)
     ref_logp: Any = None   # (B, Tr) log pi_ref(y_t)
     adv: Any = None        # (B,), or (B, Tr) per token under rlsd
@@ -148,7 +150,7 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
     opd ref + opd ungated. Returns the loss, metric sums over this rank's response tokens by name,
     and the loss's weighted terms {out, ref, opd}, which sum to it."""
     tau, m = args.temperature, mb.mask  # tau: the temperature
-    h = response_hidden(model, mb.x, mb.resp).flatten(0, 1)  # (B*Tr, H), through DDP's forward
+    h = response_hidden(model, mb.x, mb.resp, mb.x_pad).flatten(0, 1)  # (B*Tr, H), via DDP
     logp = chunked_token_logprobs(h, weight, mb.resp.flatten(), tau).view(m.shape)  # (B, Tr)
     # past a row's end the log-ratios are 0: exp() of an untrained padding position could
     # overflow, and inf * mask 0 is NaN in the gradient
@@ -321,6 +323,17 @@ def setup_distributed(args):
                                    dict(backend="gloo")))
     return env["RANK"], local_rank, env["WORLD_SIZE"], device, use_cuda
 
+def left_pad(rows, pad_id, device):
+    """Token lists of any lengths -> (B, L) padded on the left with pad_id, and each row's padding
+    (B,), or None when every row has one length (then the model takes its unmasked path)."""
+    L = max(map(len, rows))
+    n_pad = [L - len(r) for r in rows]
+    x = torch.tensor([[pad_id] * p + r for p, r in zip(n_pad, rows)], device=device)
+    return x, torch.tensor(n_pad, device=device) if any(n_pad) else None
+
+def per_prompt(t, G):  # the first row of each group of G rollouts; None stays None
+    return None if t is None else t[::G]
+
 def all_sum(t):  # sum a tensor over ranks in place (identity in one process); every rank calls it
     if dist.is_initialized():
         dist.all_reduce(t)
@@ -344,6 +357,7 @@ class Run:
     optimizer: Any = None
     rl_rng: Any = None                 # numpy Generator: problems, random contexts
     gen: Any = None  # rollout sampling
+    stopped: bool = False              # Ctrl-C or SIGTERM ended RL before its last step
 
 
 # -----------------------------------------------------------------------------
@@ -364,7 +378,8 @@ def warm_start(run, train_model, stop):
             run.enc, run.task, rng, args.sft_batch // run.world_size, SFT_HINT_FRAC))
         with run.ctx:
             h = train_model(x, return_hidden=True)[y >= 0]  # (n, H): only where a label is
-        # mean over this rank's response tokens (every row has as many); DDP averages the ranks
+        # mean over this rank's response tokens; DDP averages the ranks (the token-mean over all
+        # ranks when each holds as many tokens, as under addition)
         loss = -chunked_token_logprobs(h, model.lm_head_weight, y[y >= 0]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -381,8 +396,11 @@ def warm_start(run, train_model, stop):
             print0(f"sft {step}/{args.sft_steps} | loss {loss_avg:.4f} | {t - t_start:.0f}s")
             run.log({"phase": "sft", "step": step, "loss": loss_avg, "time": t - t_start})
         if args.sft_until > 0 and (step == next_check or step == args.sft_steps):
-            val = evaluate(run, model, val_set)
-            next_check = step + (1 if val[0] >= args.sft_until / 2 else 10)
+            student = evaluate(run, model, val_set, ("student",))[0]
+            next_check = step + (1 if student >= args.sft_until / 2 else 10)
+            if student < args.sft_until and step < args.sft_steps:
+                continue  # the teacher view is checked once the student has its bar
+            val = student, evaluate(run, model, val_set, ("teacher",))[1]
             if val[0] >= args.sft_until and val[1] >= args.sft_teacher_until:  # both views
                 print0(f"sft {step} | val acc {val[0]:.3f}, teacher {val[1]:.3f}: warm start done")
                 run.log(dict(phase="sft", step=step, val_acc=val[0], val_teacher_acc=val[1]))
@@ -411,21 +429,24 @@ def sft_key(run, model_args):  # every input of stage 1: sft.pt is reused only i
 CONTEXT_SEED = 4321  # draws the held-out contexts that involve chance: the same every time
 
 @torch.no_grad()
-def evaluate(run, model, problems):
-    """Greedy accuracy of model's student view (x) and teacher view (c + x), sharded over ranks
-    as problems[rank::world_size]: each rank counts its own shard, the sums are over all."""
+def evaluate(run, model, problems, views=("student", "teacher")):
+    """Greedy accuracy of model's student view (x) and teacher view (c + x), of those in views
+    (None for the other), sharded over ranks as problems[rank::world_size]: each rank counts its
+    own shard, the sums are over all."""
     mine = problems[run.rank::run.world_size]
-    views = encode_batch(run.enc, run.task, problems, np.random.default_rng(CONTEXT_SEED))[:2]
+    prompts = encode_batch(run.enc, run.task, problems, np.random.default_rng(CONTEXT_SEED))[:2]
     correct = torch.zeros(3, device=run.device)  # student, teacher, problems
-    for i, prompts in enumerate(v[run.rank::run.world_size] for v in views):
-        if mine:
+    for i, view in enumerate(("student", "teacher")):
+        if mine and view in views:
+            x, n_pad = left_pad(prompts[i][run.rank::run.world_size], run.enc.eot_token,
+                                run.device)
             with run.ctx:
-                resp, _ = model.generate(torch.tensor(prompts, device=run.device),
-                                         run.args.max_new_tokens, run.enc.eot_token, temperature=0)
+                resp, _ = model.generate(x, run.args.max_new_tokens, run.enc.eot_token,
+                                         temperature=0, n_pad=n_pad)
             correct[i] = sum(verify(run.enc, run.task, resp, mine))
     correct[2] = len(mine)
     s, t, n = all_sum(correct).tolist()
-    return s / n, t / n
+    return tuple(v / n if view in views else None for v, view in ((s, "student"), (t, "teacher")))
 
 @torch.no_grad()
 def mean_at_n(run, problems, n):
@@ -434,11 +455,12 @@ def mean_at_n(run, problems, n):
     mine = problems[run.rank::run.world_size]
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)  # sum acc, sum acc^2, count
     if mine:
-        x = encode_batch(run.enc, run.task, mine, np.random.default_rng(CONTEXT_SEED))[0]
+        x, n_pad = left_pad(encode_batch(run.enc, run.task, mine, np.random.default_rng(
+            CONTEXT_SEED))[0], run.enc.eot_token, run.device)
         gen = torch.Generator(device=run.device).manual_seed(run.args.seed + 7919 + run.rank)
         with run.ctx:
-            resp, _ = run.model.generate(torch.tensor(x, device=run.device),
-                                         run.args.max_new_tokens, run.enc.eot_token, n, 1.0, gen)
+            resp, _ = run.model.generate(x, run.args.max_new_tokens, run.enc.eot_token, n, 1.0,
+                                         gen, n_pad=n_pad)
         acc = torch.tensor(verify(run.enc, run.task, resp, mine, n)).double().view(-1, n).mean(1)
         stats += torch.tensor([acc.sum(), (acc ** 2).sum(), len(mine)], device=run.device)
     s1, s2, count = all_sum(stats).tolist()
@@ -450,7 +472,7 @@ def run_eval(run, k):  # evaluate at RL step k; print, log and return the record
     rec = dict(zip(("phase", "step", "eval_acc", "teacher_acc"),
                    ("eval", k, *evaluate(run, run.model, problems))))
     if a.teacher == "frozen":  # the teacher distilled from, besides the current weights' view
-        rec["frozen_teacher_acc"] = evaluate(run, run.ref_model, problems)[1]
+        rec["frozen_teacher_acc"] = evaluate(run, run.ref_model, problems, ("teacher",))[1]
     if a.eval_samples:
         rec[f"mean@{a.eval_samples}"], rec[f"mean@{a.eval_samples}_ci95"] = mean_at_n(
             run, problems, a.eval_samples)
@@ -469,13 +491,15 @@ def sample_rollouts(run, n_prompts):
     a, G = run.args, run.args.group_size
     problems = run.task.sample(run.rl_rng, n_prompts)
     student, teacher, _ = encode_batch(run.enc, run.task, problems, run.rl_rng)  # draws contexts
-    x, cx = (torch.tensor(v, device=run.device) for v in (student, teacher))
+    (x, x_pad), (cx, cx_pad) = (left_pad(v, run.enc.eot_token, run.device) for v in (student,
+                                                                                     teacher))
     with run.ctx:
         resp, mask = run.model.generate(x, a.max_new_tokens, run.enc.eot_token, G, a.temperature,
-                                        run.gen)
+                                        run.gen, n_pad=x_pad)
     rewards = torch.tensor(verify(run.enc, run.task, resp, problems, G), device=run.device)
-    return Rollouts(problems, x.repeat_interleave(G, 0), cx.repeat_interleave(G, 0), resp, mask,
-                    resp == run.enc.eot_token, rewards)
+    x, cx, x_pad, cx_pad = (None if t is None else t.repeat_interleave(G, 0)  # per rollout
+                            for t in (x, cx, x_pad, cx_pad))
+    return Rollouts(problems, x, cx, resp, mask, resp == run.enc.eot_token, rewards, x_pad, cx_pad)
 
 def rlsd_lambda(k):
     return RLSD_LAMBDA * max(0.0, 1 - k / RLSD_DECAY)  # core_algos.py:468-474
@@ -486,10 +510,12 @@ def score_rollouts(run, batch, k):
     rlsd's reweighted by teacher log-probs taken once per rollout batch (ray_trainer.py:1632)."""
     a, G, tau = run.args, run.args.group_size, run.args.temperature
     with torch.no_grad(), run.ctx:
-        batch.old_logp = run.model.token_logprobs(batch.x[::G], batch.resp, G, tau)  # (B, Tr)
-        batch.ref_logp = run.ref_model.token_logprobs(batch.x[::G], batch.resp, G, tau)
+        x, x_pad = batch.x[::G], per_prompt(batch.x_pad, G)
+        batch.old_logp = run.model.token_logprobs(x, batch.resp, G, tau, x_pad)  # (B, Tr)
+        batch.ref_logp = run.ref_model.token_logprobs(x, batch.resp, G, tau, x_pad)
         if a.algo == "rlsd":
-            teacher_logp = run.teacher.token_logprobs(batch.cx[::G], batch.resp, G, tau)
+            teacher_logp = run.teacher.token_logprobs(batch.cx[::G], batch.resp, G, tau,
+                                                      per_prompt(batch.cx_pad, G))
     scores = batch.rewards
     if a.kl_in_reward:
         scores = kl_in_reward_scores(scores, batch.old_logp, batch.ref_logp, batch.mask,
@@ -512,7 +538,8 @@ def update(run, batch, beta, k, hook):
         mb = dataclasses.replace(batch.rows(j * n, (j + 1) * n, G), n_tokens=n_tokens[j])
         if a.algo in ("sdpg", "opd"):  # the teacher view reads c + x + y, c + x once per prompt
             with torch.no_grad(), run.ctx:
-                mb.h_teacher = run.teacher.score(mb.cx[::G], mb.resp, G)  # (B, Tr, H)
+                mb.h_teacher = run.teacher.score(mb.cx[::G], mb.resp, G,
+                                                 per_prompt(mb.cx_pad, G))  # (B, Tr, H)
             mb.w_teacher = run.teacher.lm_head_weight.detach()
         if hook is not None and j == 0:
             extra = hook(run, k, beta, mb) or {}
@@ -564,10 +591,11 @@ def train(args, task, hook=None, ckpt=None):
         die(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} "
             f"ranks x {args.num_minibatches} mini-batches, and --sft_batch over the ranks")
     enc = get_encoding()
-    _, teacher0, target0 = encode_batch(enc, task, task.eval_set[:1], np.random.default_rng(0))
-    if args.max_new_tokens < len(target0[0]):
-        die(f"--max_new_tokens must be >= {len(target0[0])}: the answer and end-of-text")
-    model_args = dict(block_size=len(teacher0[0]) + args.max_new_tokens, n_layer=args.n_layer,
+    # the block size: the longest held-out teacher prompt c + x and --max_new_tokens after it
+    _, teacher, target = encode_batch(enc, task, task.eval_set, np.random.default_rng(0))
+    if args.max_new_tokens < max(map(len, target)):
+        die(f"--max_new_tokens must be >= {max(map(len, target))}: the answer and end-of-text")
+    model_args = dict(block_size=max(map(len, teacher)) + args.max_new_tokens, n_layer=args.n_layer,
                       vocab_size=enc.n_vocab, n_head=args.n_head, n_embd=args.n_embd)
     if ckpt is not None:  # every check before the log is written
         check_resume(args, task, ckpt, model_args)
@@ -635,6 +663,7 @@ def train(args, task, hook=None, ckpt=None):
             print0(f"interrupted: stopped after step {k}/{args.rl_steps}; continue with "
                    f"--resume {os.path.join(args.out_dir, 'ckpt.pt')}")
             break
+    run.stopped = stop.requested
     if start == args.rl_steps:
         save_checkpoint(run, start, True, evals)
     first, last = evals

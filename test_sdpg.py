@@ -1053,23 +1053,30 @@ def test_help_shows_what_each_recipe_sets():
 
 def test_warm_start_stops_at_the_first_check_where_both_views_meet_their_bars(monkeypatch):
     """Bars 0.2 (student) and 0.9 (teacher view): checked every 10 steps, and every step once the
-    student is at half its bar. Scripted validation accuracies: below half (next check 10 steps
-    on), at half (next check 1 step on), the student's bar alone, the teacher's alone, both."""
-    answers = iter([(0.05, 0.5), (0.1, 0.5), (0.3, 0.5), (0.15, 0.95), (0.25, 0.95)])
-    steps = []
-    monkeypatch.setattr(sdpg, "evaluate", lambda run, model, problems: (
-        steps.append(len(problems)), next(answers))[1])
+    student is at half its bar; the teacher view only once the student has its bar. Scripted
+    validation accuracies: below half (next check 10 steps on), at half (next check 1 step on),
+    the student's bar but not the teacher's, below again, both."""
+    student, teacher = iter([0.05, 0.1, 0.3, 0.15, 0.25]), iter([0.5, 0.95])
+    calls = []
+
+    def evaluate(run, model, problems, views):
+        calls.append((len(problems), views))
+        return (next(student), None) if views == ("student",) else (None, next(teacher))
+
+    monkeypatch.setattr(sdpg, "evaluate", evaluate)
     log = []
     args = parse("--sft_steps", "200", "--sft_batch", "4", "--sft_until", "0.2", "--sft_teacher_until", "0.9")
     model = tiny_gpt()
     finished, val = sdpg.warm_start(make_run(model, args, log=log.append), model, AskedStop(False))
-    assert finished and val is None and steps == [sdpg.VAL_SIZE] * 5
-    assert [r["step"] for r in log if "val_acc" in r] == [23]  # checks at 10, 20, 21, 22, 23
+    assert finished and val is None and {n for n, _ in calls} == {sdpg.VAL_SIZE}
+    S, T = ("student",), ("teacher",)
+    assert [v for _, v in calls] == [S, S, S, T, S, S, T]  # the teacher at steps 21 and 23
+    assert [(r["step"], r["val_acc"], r["val_teacher_acc"]) for r in log if "val_acc" in r] == [(23, 0.25, 0.95)]
     # never reached: the run goes on, and says so with the accuracies it had
-    answers, steps[:] = iter([(0.05, 0.95)] * 5), []
+    student, teacher, calls[:] = iter([0.05] * 5), iter([0.95]), []
     args.sft_steps = 50
     finished, val = sdpg.warm_start(make_run(model, args, log=log.append), model, AskedStop(False))
-    assert finished and val == (0.05, 0.95) and len(steps) == 5  # steps 10, 20, ..., 50
+    assert finished and val == (0.05, 0.95) and [v for _, v in calls] == [S] * 5 + [T]  # 10, ..., 50
 
 
 def test_a_warm_start_that_falls_short_says_so_and_so_does_its_cache(tmp_path, monkeypatch, capsys):
@@ -1974,3 +1981,176 @@ def test_warm_start_asks_the_ranks_to_stop_every_25_steps_under_ddp(ddp, tmp_pat
         done, _ = sdpg.warm_start(make_run(model, args, task, log=log.append), model, stop)
         assert [stop.asked] == asked and done is not answer
         assert [r["step"] for r in log] == ([] if answer else [60])
+
+
+# -----------------------------------------------------------------------------
+# prompts of different lengths, and the chain task (tools/chain.py)
+
+import chain  # noqa: E402
+
+
+def padded(rows, pad=ENC.eot_token):
+    return sdpg.left_pad([list(r) for r in rows], pad, torch.device("cpu"))
+
+
+def test_left_pad_hand_worked():
+    x, n_pad = padded([[5, 6, 7], [8], [9, 1]], pad=0)
+    assert x.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 1]] and n_pad.tolist() == [0, 2, 1]
+    x, n_pad = padded([[5, 6], [8, 9]], pad=0)
+    assert x.tolist() == [[5, 6], [8, 9]] and n_pad is None  # one length: the unmasked path
+
+
+def test_left_padded_rows_equal_their_unpadded_sequences():
+    """float64: the hidden states of each left-padded row (training forward, shared-prefix scoring),
+    their gradients, and greedy decoding equal those of the row alone, padding tokens of any value."""
+    torch.manual_seed(0)
+    model = tiny_gpt(torch.float64)
+    rows = [torch.randint(0, 256, (n,)).tolist() for n in (3, 7, 5)]
+    x, n_pad = padded(rows, pad=42)
+    G, resp = 2, torch.randint(0, 256, (6, 4))
+    h = sdpg.response_hidden(model, x.repeat_interleave(G, 0), resp, n_pad.repeat_interleave(G, 0))
+    scored = model.score(x, resp, G, n_pad)
+    greedy, _ = model.generate(x, 6, ENC.eot_token, temperature=0, n_pad=n_pad)
+    for b, r in enumerate(rows):
+        alone = sdpg.response_hidden(model, torch.tensor([r] * G), resp[b * G:(b + 1) * G])
+        assert_close(h[b * G:(b + 1) * G], alone, rtol=0, atol=1e-12)
+        assert_close(scored[b * G:(b + 1) * G], alone, rtol=0, atol=1e-12)
+        one, _ = model.generate(torch.tensor([r]), 6, ENC.eot_token, temperature=0)
+        assert greedy[b, :one.size(1)].tolist() == one[0].tolist()
+    params = list(model.parameters())
+    g_batch = torch.autograd.grad(h.square().sum(), params)
+    g_rows = [torch.autograd.grad(sdpg.response_hidden(model, torch.tensor([r] * G), resp[b * G:(b + 1) * G])
+                                  .square().sum(), params) for b, r in enumerate(rows)]
+    for i, g in enumerate(g_batch):
+        assert_close(g, sum(gr[i] for gr in g_rows), rtol=1e-10, atol=1e-12)
+
+
+def test_chain_task_hand_worked():
+    task = chain.ChainTask(eval_size=200, context="answer")
+    p = (3, 7, 5, 2)  # running sums 3, 0, 5, 7
+    assert task.prompt(p) == "3752=" and task.answer(p) == "33705527>7" and task.context(p, None) == "7"
+    assert chain.ChainTask(eval_size=5, context="derivation").context(p, None) == "33705527>7"
+    for text, reward, right in (("33705527>7", 1, True), ("33715527>7", 1, False),  # a lucky slip
+                                ("33705528>8", 0, False), (">7", 1, False), ("337055277", 0, False),
+                                ("33705527>7>8", 0, False), ("33705527>77", 0, True)):
+        assert task.reward(text, p) == reward and task.derivation_right(text, p) is right, text
+    assert {len(q) for q in task.eval_set} == {3, 4, 5, 6} and len(set(task.eval_set)) == 200
+    train = task.sample(np.random.default_rng(0), 2000)
+    assert not set(train) & set(task.eval_set) and {len(q) for q in train} == {3, 4, 5, 6}
+    with pytest.raises(ValueError, match="--context"):
+        chain.ChainTask(context="hint")
+
+
+def test_answer_tokens_hand_worked():
+    gt = ENC.encode_single_token(">")
+    resp = torch.tensor([[1, gt, 2, gt, 3, 256], [1, 2, 3, 256, 256, 256], [gt, 4, 256, 256, 256, 256]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]).float()
+    assert chain.answer_tokens(resp, mask, gt).int().tolist() == [
+        [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+
+
+def test_sft_batch_pads_prompts_of_different_lengths_on_the_right():
+    """Each row is its prompt (x, or c + x), the reference response, then end-of-text padding;
+    the labels are the response at the positions that predict it, -1 elsewhere."""
+    task = chain.ChainTask(eval_size=10, context="derivation")
+    rng = np.random.default_rng(3)
+    inputs, labels = data.sft_batch(ENC, task, rng, 16, 0.5)
+    problems = task.sample(np.random.default_rng(3), 16)  # the same draws, in the same order
+    hint = ENC.encode_single_token(data.HINT)
+    assert len({len(r) for r in inputs}) == 1 and {len(r) for r in labels} == {len(inputs[0])}
+    for p, seq, lab in zip(problems, inputs, labels):
+        x = data.encode_chars(ENC, task.prompt(p))
+        y = data.encode_chars(ENC, task.answer(p)) + [ENC.eot_token]
+        prompt = [hint] + data.encode_chars(ENC, task.context(p, None)) + [hint] + x if seq[0] == hint else x
+        n = len(prompt) + len(y) - 1
+        assert seq[:n] == prompt + y[:-1] and set(seq[n:]) <= {ENC.eot_token}
+        assert lab == [-1] * (len(prompt) - 1) + y + [-1] * (len(seq) - n)
+
+
+def test_chain_metrics_against_hand_counts_and_brute_force_kl():
+    """deriv_acc, won_frac and lucky_frac over scripted rollouts, and the KL per token of each part
+    (derivation, answer) and each kind of rollout (rewarded, not) against the full-vocabulary KL."""
+    model = tiny_gpt(torch.float64)
+    model.config.block_size = 64
+    model.wpe = torch.nn.Embedding(64, 32).double()
+    task = chain.ChainTask(eval_size=10, context="answer")
+    problems = [(3, 7, 5, 2), (1, 2, 3, 4, 5)]  # answers 7 and 5
+    texts = ["33705527>7", "33715527>7", "11334>5", "1123364055>5"]  # right, lucky, lucky, right
+    G = 2
+    resp = [data.encode_chars(ENC, t) + [ENC.eot_token] for t in texts]
+    L = max(map(len, resp))
+    mask = torch.tensor([[1.0] * len(r) + [0.0] * (L - len(r)) for r in resp])
+    resp = torch.tensor([r + [ENC.eot_token] * (L - len(r)) for r in resp])
+    student, teacher, _ = data.encode_batch(ENC, task, problems, None)
+    (x, x_pad), (cx, cx_pad) = padded(student), padded(teacher)
+    rep = lambda t: None if t is None else t.repeat_interleave(G, 0)  # noqa: E731
+    mb = sdpg.Rollouts(problems, rep(x), rep(cx), resp, mask, resp == ENC.eot_token,
+                       torch.tensor([1.0, 1.0, 1.0, 0.0]), rep(x_pad), rep(cx_pad))
+    mb.h_teacher = model.score(cx, resp, G, cx_pad)
+    mb.w_teacher = model.lm_head_weight.detach()
+    args = parse("--group_size", str(G))
+    got = chain.chain_metrics(make_run(model, args, task), mb)
+    assert (got["deriv_acc"], got["won_frac"], got["lucky_frac"]) == (0.5, 0.75, 0.5)
+    kl = brute_force_kl(response_logits(model, mb.x, resp, mb.x_pad), mb.h_teacher @ model.lm_head_weight.T)
+    gt = ENC.encode_single_token(">")
+    ans = torch.zeros_like(mask)
+    for i, t in enumerate(texts):
+        ans[i, t.rindex(">"):len(t) + 1] = 1  # the marker, the digit, the end-of-text
+    won = torch.tensor([1.0, 1.0, 1.0, 0.0])[:, None]
+    for name, part, rows in (("kl_deriv_pos", mask - ans, won), ("kl_deriv_neg", mask - ans, 1 - won),
+                             ("kl_ans_pos", ans, won), ("kl_ans_neg", ans, 1 - won)):
+        w = part * rows
+        assert got[name] == pytest.approx(((kl * w).sum() / w.sum()).item(), rel=1e-9), name
+    assert chain.answer_tokens(resp, mask, gt).float().equal(ans)
+
+
+def test_a_chain_run_with_prompts_of_different_lengths(tmp_path, monkeypatch):
+    """tools/extras.py --task chain, both contexts: rollouts padded on the left (their prompts
+    differ in length), the chain's metrics logged every step, greedy ones at steps 1 and 3 and a
+    final record that equals a greedy evaluation of the saved weights."""
+    pads = []
+    orig = GPT.generate
+
+    def generate(self, prompts, *a, n_pad=None, **k):
+        pads.append(n_pad)
+        return orig(self, prompts, *a, n_pad=n_pad, **k)
+
+    monkeypatch.setattr(GPT, "generate", generate)
+    for context in chain.CHAIN_CONTEXTS:
+        out = tmp_path / context
+        run = run_in_process(monkeypatch, TINY + ["--task", "chain", "--context", context, "--sft_until", "0",
+                                                  "--out_dir", str(out)], entry=extras.main)
+        log = read_log(str(out))
+        rl = phase(log, "rl")
+        assert len(rl) == 3 and all(0 <= r["lucky_frac"] <= r["won_frac"] <= 1 and 0 <= r["deriv_acc"] <= 1
+                                    for r in rl)
+        assert all("kl_ans_pos" in r for r in rl) and [("greedy_acc" in r) for r in rl] == [True, False, True]
+        final = phase(log, "chain")
+        assert [r["step"] for r in final] == [3]
+        assert final[0] == {"phase": "chain", "step": 3, **chain.greedy_metrics(run, False)}
+        assert final[0]["greedy_acc"] == phase(log, "eval")[-1]["eval_acc"]
+    assert any(p is not None and p.max() > 0 for p in pads)
+
+
+def test_chain_study_tables_against_hand_computed_shares_and_gaps():
+    """The lucky share of a window is sum lucky_frac / sum won_frac, and a gap row is the mean of
+    the per-seed differences of the final greedy accuracies."""
+    def run(arm, seed, acc, won, luck):
+        rl = [{"step": k + 1, "reward": won, "deriv_acc": 0.1, "won_frac": won, "lucky_frac": luck} for k in range(12)]
+        rl[0]["lucky_frac"], rl[-1]["won_frac"] = 0.0, 2 * won  # step 1 in the first window only, step 12 in the last
+        greedy = [{"step": 0, "greedy_acc": 0.3, "greedy_deriv_acc": 0.1, "greedy_lucky_share": 0.6},
+                  {"step": 12, "greedy_acc": acc, "greedy_deriv_acc": acc / 2, "greedy_lucky_share": 0.4}]
+        return {"arm": arm, "seed": seed, "eval": [{"step": 12, "eval_acc": acc, "teacher_acc": 0.9}], "rl": rl,
+                "greedy": greedy, "warm": {"sft_steps": 900, "val_acc": 0.3}}
+    runs = {"grpo": {0: run("grpo", 0, 0.40, 0.4, 0.2), 1: run("grpo", 1, 0.50, 0.4, 0.2)},
+            "release": {0: run("release", 0, 0.46, 0.4, 0.1), 1: run("release", 1, 0.52, 0.4, 0.1)}}
+    assert chain.lucky(runs["grpo"][0]["rl"], True) == pytest.approx((9 * 0.2) / (10 * 0.4))
+    assert chain.lucky(runs["grpo"][0]["rl"], False) == pytest.approx((10 * 0.2) / (9 * 0.4 + 0.8))
+    md = chain.tables(runs, "answer")
+    row = next(line for line in md.splitlines() if line.startswith("| release - grpo |"))
+    gaps = [0.06, 0.02]  # 0.46 - 0.40, 0.52 - 0.50
+    mean, std = sum(gaps) / 2, float(np.std(gaps, ddof=1))
+    lucky_gap = (10 * 0.1) / (9 * 0.4 + 0.8) - (10 * 0.2) / (9 * 0.4 + 0.8)
+    assert row == f"| release - grpo | 2 | {mean:.3f} ± {std:.3f} | {mean / 2:.3f} ± {std / 2:.3f} | " \
+                  f"{lucky_gap:.3f} ± 0.000 | 2/2 |"
+    assert "seed 0 900 steps, val acc 0.3" in md

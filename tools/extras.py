@@ -4,6 +4,10 @@ task, hook): other privileged contexts, and per-step diagnostics of the loss. Th
 sdpg.py's own; this file adds a task and a hook, never a copy of the loop.
 
     python tools/extras.py --context noisy --context_noise 0.3 --diag_every 20 [sdpg.py flags]
+    python tools/extras.py --task chain --context derivation [sdpg.py flags]
+
+--task addition (sdpg.py's) or chain, a derivation before the answer (tools/chain.py, whose
+contexts are answer and derivation, and whose logs are its own).
 
 --context (what the teacher's c holds, warm start and RL alike; for 7 + 96, answer 301):
     answer      the answer itself, as sdpg.py                                   301
@@ -33,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sdpg  # noqa: E402
+import chain  # noqa: E402
 from data import AdditionTask, answer_text, encode_chars  # noqa: E402
 from model import chunked_token_logprobs, fused_reverse_kl, response_hidden  # noqa: E402
 
@@ -119,7 +124,7 @@ def kl_location(run, mb):
     target = torch.tensor([encode_chars(run.enc, run.task.answer(p)) + [run.enc.eot_token]
                            for p in mb.problems], device=m.device).repeat_interleave(G, 0)
     with torch.no_grad(), run.ctx:
-        h = response_hidden(run.model, mb.x, mb.resp).flatten(0, 1)
+        h = response_hidden(run.model, mb.x, mb.resp, mb.x_pad).flatten(0, 1)
         kl = fused_reverse_kl(h, mb.h_teacher.flatten(0, 1), run.model.lm_head_weight,
                               a.temperature, teacher_weight=mb.w_teacher).view(m.shape) * m
     adv = mb.adv if mb.adv.dim() == 2 else mb.adv[:, None]
@@ -152,10 +157,11 @@ def loss_diagnostics(run, beta, mb):
                 grads["out"].norm() * grads["opd"].norm())).item()
     with torch.no_grad(), run.ctx:
         tau, W, m, G = a.temperature, model.lm_head_weight, mb.mask, a.group_size
-        h = response_hidden(model, mb.x, mb.resp).flatten(0, 1)
+        h = response_hidden(model, mb.x, mb.resp, mb.x_pad).flatten(0, 1)
         logp = chunked_token_logprobs(h, W, mb.resp.flatten(), tau)
         # each pair's other side from its own weights and head (pi_ref's, or the teacher's)
-        pairs = {"ref": (run.ref_model.score(mb.x[::G], mb.resp, G).flatten(0, 1),
+        x_pad = sdpg.per_prompt(mb.x_pad, G)
+        pairs = {"ref": (run.ref_model.score(mb.x[::G], mb.resp, G, x_pad).flatten(0, 1),
                          run.ref_model.lm_head_weight)}
         if mb.h_teacher is not None:
             pairs["teacher"] = (mb.h_teacher.flatten(0, 1), mb.w_teacher)
@@ -171,11 +177,14 @@ def loss_diagnostics(run, beta, mb):
     return out
 
 
-def make_hook(diag_every):
-    """hook(run, k, beta, mb) for sdpg.main: the KL location every step, diagnostics every
-    diag_every steps (the first included)."""
+def make_hook(diag_every, where=None):
+    """hook(run, k, beta, mb) for sdpg.main: where(run, k, mb) (the KL location of addition by
+    default) every step, diagnostics every diag_every steps (the first included)."""
     def hook(run, k, beta, mb):
-        rec = kl_location(run, mb) if mb.h_teacher is not None else {}
+        if where is not None:
+            rec = where(run, k, mb)
+        else:
+            rec = kl_location(run, mb) if mb.h_teacher is not None else {}
         if diag_every and (k - 1) % diag_every == 0:
             rec.update(loss_diagnostics(run, beta, mb))
         return rec
@@ -184,6 +193,7 @@ def make_hook(diag_every):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    p.add_argument("--task", default="addition", choices=["addition", "chain"])
     p.add_argument("--context", default="answer", help=", ".join(CONTEXTS))
     p.add_argument("--context_noise", type=float, default=0.0)
     p.add_argument("--diag_every", type=int, default=0)
@@ -191,16 +201,26 @@ def main(argv=None):
     if {"-h", "--help"} & set(argv if argv is not None else sys.argv[1:]):
         print(__doc__.strip() + "\n\nThe flags of sdpg.py:\n")  # then sdpg.py's --help
     ours, rest = p.parse_known_args(argv)
-    if ours.context != "answer" and not any(a.startswith("--sft_t") for a in rest):
+    if ours.task == "addition" and ours.context != "answer" and \
+            not any(a.startswith("--sft_t") for a in rest):
         rest += ["--sft_teacher_until", "0"]  # a teacher bar only for the exact answer
+    if ours.task == "chain" and not any(a.startswith("--max_new") for a in rest):
+        rest += ["--max_new_tokens", "15"]  # the longest response and its end-of-text
     try:
         d = sdpg.parser.parse_known_args(rest)[0]  # the task's size, as sdpg.py reads it
-        task = ContextTask(d.digits, d.eval_size, ours.context, ours.context_noise)
+        task = ContextTask(d.digits, d.eval_size, ours.context, ours.context_noise) \
+            if ours.task == "addition" else chain.ChainTask(d.eval_size, ours.context)
     except ValueError as e:
         sdpg.die(str(e))
     if ours.diag_every < 0:
         sdpg.die("--diag_every must be >= 0")
-    return sdpg.main(rest, task=task, hook=make_hook(ours.diag_every))
+    if ours.task == "addition":
+        return sdpg.main(rest, task=task, hook=make_hook(ours.diag_every))
+    every = d.eval_every
+    run = sdpg.main(rest, task=task, hook=make_hook(ours.diag_every, chain.make_where(every)))
+    if run.rank == 0 and not run.stopped:  # the final weights, rank 0 alone
+        run.log({"phase": "chain", "step": run.args.rl_steps, **chain.greedy_metrics(run, False)})
+    return run
 
 
 if __name__ == "__main__":

@@ -78,16 +78,18 @@ KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each l
         "diag": ("grad_norm_out", "grad_norm_opd", "grad_norm_ref", "grad_cos_out_opd")}  # rl records with diagnostics
 
 
-def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default", warm_only=False):
+def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default", warm_only=False,
+            common=COMMON):
     """Warm starts first (one per regime and seed), then every arm; at most `jobs` processes.
     seeds: a list, or None for each regime's SEEDS. table: {regime: (flags, ...)}, REGIMES by
-    default. fp: a name in FLOAT_CONFIGS, the math libraries' settings of every run."""
+    default. fp: a name in FLOAT_CONFIGS, the math libraries' settings of every run. common: the
+    RL flags of every run (not of the warm starts)."""
     table = table or REGIMES
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            **FLOAT_CONFIGS[fp]}
     warm = [(r, s, os.path.join(out_root, r, f"warm_s{s}"), table[r][0] + ["--rl_steps", "0", "--eval_samples", "0"])
             for r in regimes for s in seeds or SEEDS[r]]
-    runs = [(r, s, os.path.join(out_root, r, f"{a}_s{s}"), table[r][0] + COMMON + {**ARMS, **EXTRA}[a])
+    runs = [(r, s, os.path.join(out_root, r, f"{a}_s{s}"), table[r][0] + common + {**ARMS, **EXTRA}[a])
             for r in regimes for a in arms for s in seeds or SEEDS[r]]
     runs = [] if warm_only else [run for run in runs if not complete(run[2])]  # finished: kept
     warm = [w for w in warm if not complete(w[2]) and (warm_only or any((r, s) == w[:2] for r, s, _, _ in runs))]
@@ -129,12 +131,13 @@ def read_log(out):  # the records of a run's log.jsonl
 
 
 def complete(out):
-    """Whether the run in out finished: its log ends with the last evaluation."""
+    """Whether the run in out finished: its log holds the last evaluation (a tool's own records
+    may follow it)."""
     try:
         records = read_log(out)
     except (OSError, json.JSONDecodeError):
         return False
-    return len(records) > 1 and records[-1]["phase"] == "eval" and records[-1]["step"] == records[0]["rl_steps"]
+    return any(r["phase"] == "eval" and r["step"] == records[0]["rl_steps"] for r in records[1:])
 
 
 def tag(regime, fp):  # the name of a regime's collected file under a floating-point configuration
@@ -261,6 +264,16 @@ def smooth(ys, k=10):
     return [sum(ys[max(0, i - k + 1):i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(ys))]
 
 
+def band(ax, steps, curves, color, label, title):
+    """One arm on one panel: the mean over seeds as a line, min to max over seeds as a band."""
+    ax.plot(steps, [sum(v) / len(v) for v in zip(*curves)], color=color, lw=1.5, label=label)
+    ax.fill_between(steps, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)],
+                    color=color, alpha=0.12)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("RL step")
+    ax.grid(alpha=0.3)
+
+
 def figure(all_runs, out):
     """One row per regime: student accuracy, its gap to GRPO on the same seed (the seeds' warm
     starts differ, so the paired gap is the sharper comparison), teacher accuracy, entropy,
@@ -286,12 +299,7 @@ def figure(all_runs, out):
                 steps = [r["step"] for r in next(iter(seeds.values()))[phase]]
                 if phase == "rl":
                     curves = [smooth(c) for c in curves]
-                mean = [sum(v) / len(v) for v in zip(*curves)]
-                ax.plot(steps, mean, color=color, lw=1.5, label=arm)
-                ax.fill_between(steps, [min(v) for v in zip(*curves)], [max(v) for v in zip(*curves)], color=color, alpha=0.12)
-                ax.set_title(f"{regime}: {title}", fontsize=10)
-                ax.set_xlabel("RL step")
-                ax.grid(alpha=0.3)
+                band(ax, steps, curves, color, arm, f"{regime}: {title}")
         row[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
