@@ -251,8 +251,10 @@ def collect(context, out_root, results, fp="default"):
                     "rl": [pick(r, ("step", "reward", "deriv_acc", "won_frac", "lucky_frac", *KL))
                            for r in records if r["phase"] == "rl"],
                     "greedy": greedy,
-                    "warm": {"sft_steps": max(r["step"] for r in warm if r["phase"] == "sft"),
-                             "val_acc": round(sft[-1]["val_acc"], 5) if sft else None}}) + "\n")
+                    "warm": {"sft_steps": max(r["step"] for r in warm if r["phase"] == "sft" and
+                                              "step" in r),
+                             "val_acc": round(sft[-1]["val_acc"], 5) if sft else None,
+                             "reached": not any(r.get("reached") is False for r in warm)}}) + "\n")
     return path
 
 
@@ -314,6 +316,7 @@ def tables(runs, context):
         lines.append(f"| {a} - {b} | {len(shared)} | {fmt(d['greedy_acc'])} | "
                      f"{fmt(d['greedy_deriv_acc'])} | {fmt(dl)} | {ahead}/{len(shared)} |")
     warm = ", ".join(f"seed {s} {r['warm']['sft_steps']} steps, val acc {r['warm']['val_acc']}"
+                     + ("" if r["warm"].get("reached", True) else " (short of its bar)")
                      for s, r in sorted(next(iter(runs.values())).items()))
     lines += ["", "mean ± std over seeds (gaps: of the per-seed differences); greedy on the 500 "
               f"held-out chains; start: the warm start, RL step 0. Warm starts: {warm}.", ""]
