@@ -1030,7 +1030,10 @@ def test_bad_flags_exit_nonzero_with_one_line(flags, needle, tmp_path, monkeypat
 
 @pytest.mark.parametrize("flags, needle", [(["--context", "oracle"], "context"),
                                            (["--context_noise", "0.2"], "context_noise"),
-                                           (["--context", "noisy", "--context_noise", "1.5"], "context_noise")])
+                                           (["--context", "noisy", "--context_noise", "1.5"], "context_noise"),
+                                           (["--task", "chain", "--context", "hint"], "context"),
+                                           (["--task", "chain", "--context_noise", "0.1"], "context_noise"),
+                                           (["--task", "chain", "--eval_size", "0"], "eval_size")])
 def test_bad_extras_flags_exit_nonzero_with_one_line(flags, needle, tmp_path):
     p = run_script(["--out_dir", str(tmp_path)] + flags, timeout=60, script="tools/extras.py")
     assert one_line_error(p, needle), p.stderr

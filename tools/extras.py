@@ -214,6 +214,8 @@ def main(argv=None):
         sdpg.die(str(e))
     if ours.diag_every < 0:
         sdpg.die("--diag_every must be >= 0")
+    if ours.task == "chain" and ours.context_noise:
+        sdpg.die("--context_noise is read only with --task addition --context noisy")
     if ours.task == "addition":
         return sdpg.main(rest, task=task, hook=make_hook(ours.diag_every))
     every = d.eval_every
