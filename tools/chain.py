@@ -54,7 +54,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sdpg  # noqa: E402
-from data import decode_response  # noqa: E402
+import study  # noqa: E402  (tools/study.py: the runner, collection and statistics)
+from study import fmt  # noqa: E402
+from data import decode_response, encode_chars  # noqa: E402
 from model import fused_reverse_kl, response_hidden  # noqa: E402
 
 CHAIN_LENGTHS = (3, 6)  # digits per chain, both ends included
@@ -63,7 +65,7 @@ CHAIN_SEED = 1234  # the held-out chains are the same for every run
 
 
 def steps_text(digits):
-    """The reference derivation, a digit and the running sum per step: (3, 7, 5, 2) -> '33705527'."""
+    """The reference derivation, a digit and the running sum per step: 3, 7, 5, 2 -> '33705527'."""
     s, out = 0, []
     for d in digits:
         s = (s + d) % 10
@@ -85,7 +87,8 @@ class ChainTask:
             raise ValueError(f"--context must be one of {', '.join(CHAIN_CONTEXTS)} with --task "
                              f"chain (got {context!r})")
         if not 1 <= eval_size <= 10_000:
-            raise ValueError(f"--eval_size must be in [1, 10000] with --task chain (got {eval_size})")
+            raise ValueError(f"--eval_size must be in [1, 10000] with --task chain (got "
+                             f"{eval_size})")
         self.kind, self.lengths = context, tuple(lengths)
         rng, held = np.random.default_rng(CHAIN_SEED), {}
         while len(held) < eval_size:  # distinct chains, lengths uniform
@@ -176,8 +179,8 @@ def greedy_metrics(run, shard=True):
     mine = problems[run.rank::run.world_size] if shard else problems
     counts = torch.zeros(3, dtype=torch.float64, device=run.device)  # right, derived, lucky
     if mine:
-        x, n_pad = sdpg.left_pad([[run.enc.encode_single_token(ch) for ch in run.task.prompt(p)]
-                                  for p in mine], run.enc.eot_token, run.device)
+        x, n_pad = sdpg.left_pad([encode_chars(run.enc, run.task.prompt(p)) for p in mine],
+                                 run.enc.eot_token, run.device)
         with run.ctx:
             resp, _ = run.model.generate(x, run.args.max_new_tokens, run.enc.eot_token,
                                          temperature=0, n_pad=n_pad)
@@ -221,9 +224,8 @@ KL = ("kl_deriv_pos", "kl_ans_pos", "kl_deriv_neg", "kl_ans_neg")
 def collect(context, out_root, results, fp="default"):
     """Every finished run of a context into results/<context>[_<fp>].jsonl, one line per run:
     {arm, seed, eval: [{step, eval_acc, teacher_acc}], rl: [{step, reward, deriv_acc,
-    won_frac, lucky_frac, kl_*}], greedy: [{step, greedy_*}] (step: the weights evaluated), warm: where
-    its warm start landed}."""
-    import study
+    won_frac, lucky_frac, kl_*}], greedy: [{step, greedy_*}] (step: the weights evaluated),
+    warm: where its warm start landed}."""
     path = os.path.join(results, f"{study.tag(context, fp)}.jsonl")
     root = os.path.join(out_root, context)
     with open(path, "w") as out:
@@ -264,11 +266,6 @@ def load(path):  # {arm: {seed: run}} from a collected file
         for run in map(json.loads, f):
             runs.setdefault(run["arm"], {})[run["seed"]] = run
     return runs
-
-
-def fmt(xs, d=3):
-    import study
-    return "{:.{d}f} ± {:.{d}f}".format(*study.mean_std(xs), d=d) if xs else "-"
 
 
 def lucky(rl, first):  # the lucky share of rewarded rollouts over the first or last 10 steps
@@ -329,7 +326,6 @@ def figure(all_runs, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import study
     panels = [("greedy", "greedy_acc", "answer accuracy (held-out, greedy)"),
               ("greedy", "greedy_deriv_acc", "derivation accuracy (held-out, greedy)"),
               ("rl", "lucky", "lucky share of rewarded rollouts (10-step window)")]
@@ -353,7 +349,6 @@ def figure(all_runs, out):
 
 
 def main():
-    import study
     p = argparse.ArgumentParser(description="the chain study: GRPO and SDPG on a derivation task")
     p.add_argument("--quick", action="store_true", help="seed 0 only")
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2")

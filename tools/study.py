@@ -204,6 +204,10 @@ def mean_std(xs):
     return m, s
 
 
+def fmt(xs, d=3):  # "mean ± std" of a list, "-" for none
+    return "{:.{d}f} ± {:.{d}f}".format(*mean_std(xs), d=d) if xs else "-"
+
+
 def acc_at(evals, step):
     """Held-out accuracy at the evaluation nearest to step."""
     return min(evals, key=lambda r: abs(r["step"] - step))["eval_acc"]
@@ -215,7 +219,6 @@ def table(runs, target, arms, ref_arm="grpo"):
     ref = runs.get(ref_arm, {})
     last = max(r["step"] for r in next(iter(next(iter(runs.values())).values()))["eval"])
     early = round(0.2 * last)
-    fmt = lambda xs, d=3: "{:.{d}f} ± {:.{d}f}".format(*mean_std(xs), d=d)
     name = "GRPO" if ref_arm == "grpo" else ref_arm
     lines = [f"| arm | seeds | final acc | best acc | steps to {target:.0%} | early lift vs {name} (step {early}) | "
              f"final gap vs {name} | final teacher acc | final entropy |",
