@@ -2037,9 +2037,9 @@ def test_chain_task_hand_worked():
                                 ("33705528>8", 0, False), (">7", 1, False), ("337055277", 0, False),
                                 ("33705527>7>8", 0, False), ("33705527>77", 0, True)):
         assert task.reward(text, p) == reward and task.derivation_right(text, p) is right, text
-    assert {len(q) for q in task.eval_set} == {3, 4, 5, 6} and len(set(task.eval_set)) == 200
+    assert {len(q) for q in task.eval_set} == {3, 4, 5} and len(set(task.eval_set)) == 200
     train = task.sample(np.random.default_rng(0), 2000)
-    assert not set(train) & set(task.eval_set) and {len(q) for q in train} == {3, 4, 5, 6}
+    assert not set(train) & set(task.eval_set) and {len(q) for q in train} == {3, 4, 5}
     with pytest.raises(ValueError, match="--context"):
         chain.ChainTask(context="hint")
 

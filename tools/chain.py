@@ -3,7 +3,7 @@ A task where a derivation comes before the answer: the running sum mod 10 of a c
 each step written out, one reward at the end for the last value. A right answer can hide a wrong
 derivation (two slips that cancel), which addition's unique three-token sums cannot.
 
-    problem   the digits 3, 7, 5, 2 (a chain of 3 to 6 digits: prompts of different lengths)
+    problem   the digits 3, 7, 5, 2 (a chain of 3 to 5 digits: prompts of different lengths)
     prompt  x = "3752="
     response  "33705527>7" <|endoftext|>    each step two tokens: the digit d_k, copied from the
                                             prompt, then the running sum s_k = (s_(k-1) + d_k)
@@ -13,9 +13,11 @@ derivation (two slips that cancel), which addition's unique three-token sums can
 
 Writing d_k before s_k keeps each sum local (two tokens back and one), so the default model
 learns the chain in a warm start of minutes; written as sums alone, it had not after 1,250 steps.
+Chains of up to 6 digits were too slow to learn: one warm-start seed of three ended 2,000 steps at
+chance, another had not reached the bar at 1,200; up to 5, each tried reached it in 550 to 710.
 
 The verifier reads only what follows the last ">": 1.0 if it is the answer digit. Responses are
-8 to 14 tokens and the end-of-text; prompts 4 to 7 (sdpg.py pads them on the left). Runs through
+8 to 12 tokens and the end-of-text; prompts 4 to 6 (sdpg.py pads them on the left). Runs through
 tools/extras.py (which is sdpg.py with a task and a hook):
 
     python tools/extras.py --task chain --context derivation [sdpg.py flags]
@@ -59,7 +61,7 @@ from study import fmt  # noqa: E402
 from data import decode_response, encode_chars  # noqa: E402
 from model import fused_reverse_kl, response_hidden  # noqa: E402
 
-CHAIN_LENGTHS = (3, 6)  # digits per chain, both ends included
+CHAIN_LENGTHS = (3, 5)  # digits per chain, both ends included
 CHAIN_CONTEXTS = ("answer", "derivation")
 CHAIN_SEED = 1234  # the held-out chains are the same for every run
 
