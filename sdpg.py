@@ -25,8 +25,7 @@ Deliberate choices:
  4. The temperature divides both views' logits (official: the student's only, and a bf16
     teacher; here the KL is fp32). The same at temperature 1.
  5. Steps k count from 1, as the official trainer's: beta(1) = beta / T_warm, and beta(T) = 0 with
-    the decay on. The
-    reward is 1/0 (the official +1/-1 gives the same advantages).
+    the decay on. The reward is 1/0 (the official +1/-1 gives the same advantages).
  6. Baselines as their official scripts: --algo grpo (clip 0.2/0.2, no dual clip, no L_ref, a k1
     KL penalty in the reward), rlsd (the teacher reweights the advantage per token), opd (the
     distillation and reference terms, no verifier). "Without beta" is --beta 0.
@@ -288,7 +287,7 @@ def resolve(args, saved=None):
 
 
 # -----------------------------------------------------------------------------
-# setup: processes and devices
+# helpers of every phase: printing, errors, padding, the all-reduce, the run's record
 
 def print0(*a, **kw):  # print on rank 0 only (RANK is set by torchrun)
     if os.environ.get("RANK", "0") == "0":
@@ -297,31 +296,6 @@ def print0(*a, **kw):  # print on rank 0 only (RANK is set by torchrun)
 def die(msg):  # one line on stderr (rank 0) and exit 2, never a traceback
     print0(f"sdpg.py: error: {msg}", file=sys.stderr)
     sys.exit(2)
-
-def setup_distributed(args):
-    """One process per device under torchrun (nccl on CUDA, gloo on CPU), each on
-    cuda:LOCAL_RANK; else one process. Returns (rank, local_rank, world_size, device, use_cuda)."""
-    env = {k: int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
-                                                      ("WORLD_SIZE", 1), ("LOCAL_WORLD_SIZE", 0))}
-    ddp, local_rank = "RANK" in os.environ, env["LOCAL_RANK"]
-    use_cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
-    device = torch.device("cpu")
-    if use_cuda:
-        n = torch.cuda.device_count()
-        if ddp and args.device not in ("auto", "cuda"):
-            die(f"--device {args.device} cannot be used under torchrun: each process takes "
-                f"cuda:LOCAL_RANK (use --device cuda, and CUDA_VISIBLE_DEVICES to choose)")
-        if ddp and max(env["LOCAL_WORLD_SIZE"], local_rank + 1) > n:  # every process checks
-            die(f"torchrun started more processes on this node than it has GPUs ({n}): use "
-                f"--nproc_per_node <= {n}, or --device cpu")
-        device = torch.device(args.device if ":" in args.device else f"cuda:{local_rank}")
-        if device.index >= n:
-            die(f"--device {args.device}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
-        torch.cuda.set_device(device)  # before the process group, so that nccl binds this GPU
-    if ddp:
-        dist.init_process_group(**(dict(backend="nccl", device_id=device) if use_cuda else
-                                   dict(backend="gloo")))
-    return env["RANK"], local_rank, env["WORLD_SIZE"], device, use_cuda
 
 def left_pad(rows, pad_id, device):
     """Token lists of any lengths -> (B, L) padded on the left with pad_id, and each row's padding
@@ -408,19 +382,6 @@ def warm_start(run, train_model, stop):
             if step == args.sft_steps:
                 return True, val
     return True, None
-
-def shortfall(run, val):  # say and log that RL starts from a weaker model than asked
-    a = run.args
-    print0(f"warm start: {a.sft_steps} steps did not reach the bars (student {val[0]:.3f} of "
-           f"{a.sft_until}, teacher {val[1]:.3f} of {a.sft_teacher_until}); RL starts anyway")
-    run.log({"phase": "sft", "reached": False, "val_acc": val[0], "val_teacher_acc": val[1]})
-
-def sft_key(run, model_args):  # every input of stage 1: sft.pt is reused only if all are equal
-    key = {k: getattr(run.args, k) for k in ("seed", "sft_steps", "sft_batch", "sft_until",
-           "sft_teacher_until", "grad_clip", "max_new_tokens", "dtype")}
-    return dict(key, task=repr(run.task), tokenizer=run.enc.name, model_args=model_args,
-                world_size=run.world_size, device=run.device.type, sft_lr=SFT_LR,
-                hint_frac=SFT_HINT_FRAC, weight_decay=WEIGHT_DECAY, val_size=VAL_SIZE)
 
 
 # -----------------------------------------------------------------------------
@@ -688,8 +649,47 @@ def main(argv=None, task=None, hook=None):
 
 
 # =============================================================================
-# What a first reading may skip: logging, signals, checkpoints, flag checks.
+# What a first reading may skip: devices and processes, logging, signals, the warm-start
+# cache, checkpoints, flag checks.
 # =============================================================================
+
+def setup_distributed(args):
+    """One process per device under torchrun (nccl on CUDA, gloo on CPU), each on
+    cuda:LOCAL_RANK; else one process. Returns (rank, local_rank, world_size, device, use_cuda)."""
+    env = {k: int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0),
+                                                      ("WORLD_SIZE", 1), ("LOCAL_WORLD_SIZE", 0))}
+    ddp, local_rank = "RANK" in os.environ, env["LOCAL_RANK"]
+    use_cuda = args.device.startswith("cuda") or args.device == "auto" and torch.cuda.is_available()
+    device = torch.device("cpu")
+    if use_cuda:
+        n = torch.cuda.device_count()
+        if ddp and args.device not in ("auto", "cuda"):
+            die(f"--device {args.device} cannot be used under torchrun: each process takes "
+                f"cuda:LOCAL_RANK (use --device cuda, and CUDA_VISIBLE_DEVICES to choose)")
+        if ddp and max(env["LOCAL_WORLD_SIZE"], local_rank + 1) > n:  # every process checks
+            die(f"torchrun started more processes on this node than it has GPUs ({n}): use "
+                f"--nproc_per_node <= {n}, or --device cpu")
+        device = torch.device(args.device if ":" in args.device else f"cuda:{local_rank}")
+        if device.index >= n:
+            die(f"--device {args.device}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+        torch.cuda.set_device(device)  # before the process group, so that nccl binds this GPU
+    if ddp:
+        dist.init_process_group(**(dict(backend="nccl", device_id=device) if use_cuda else
+                                   dict(backend="gloo")))
+    return env["RANK"], local_rank, env["WORLD_SIZE"], device, use_cuda
+
+def shortfall(run, val):  # say and log that RL starts from a weaker model than asked
+    a = run.args
+    print0(f"warm start: {a.sft_steps} steps did not reach the bars (student {val[0]:.3f} of "
+           f"{a.sft_until}, teacher {val[1]:.3f} of {a.sft_teacher_until}); RL starts anyway")
+    run.log({"phase": "sft", "reached": False, "val_acc": val[0], "val_teacher_acc": val[1]})
+
+def sft_key(run, model_args):  # every input of stage 1: sft.pt is reused only if all are equal
+    key = {k: getattr(run.args, k) for k in ("seed", "sft_steps", "sft_batch", "sft_until",
+           "sft_teacher_until", "grad_clip", "max_new_tokens", "dtype")}
+    return dict(key, task=repr(run.task), tokenizer=run.enc.name, model_args=model_args,
+                world_size=run.world_size, device=run.device.type, sft_lr=SFT_LR,
+                hint_frac=SFT_HINT_FRAC, weight_decay=WEIGHT_DECAY, val_size=VAL_SIZE)
 
 def open_log(args, rank):  # log(record): a JSON line in log.jsonl from rank 0; resumes append
     try:
