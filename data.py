@@ -103,8 +103,9 @@ class AdditionTask:
         reward(text, p)          the verifier: the decoded response -> a float, never raising
 
     encode_batch() below turns problems into tokens, one per character; prompts, contexts and
-    answers may differ in length from problem to problem. The model's block size comes from the
-    longest teacher prompt and answer of the held-out set: training problems may not be longer.
+    answers may differ in length from problem to problem. The model's block size is the longest
+    teacher prompt of the held-out set plus --max_new_tokens (which must hold its longest answer
+    and the end-of-text): training problems may not be longer.
 
     A repr that names the task's settings lets the warm-start cache tell tasks apart.
     """

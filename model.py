@@ -238,7 +238,7 @@ def response_logits(model, prompt, resp, n_pad=None):
 
 def chunk_rows(chunk_size, vocab_size):
     """Rows per lm_head chunk: chunk_size, or for 0 about 24 MB of fp32 logits per chunk (119 rows at
-    V = 50304; every row at once at V = 258). Larger chunks were slower on CPU (see bench.py)."""
+    V = 50304; every row at once at V = 258). Larger chunks were slower on CPU (see tools/bench.py)."""
     return chunk_size or max(1, 6_000_000 // vocab_size)
 
 

@@ -26,9 +26,9 @@ Deliberate choices:
     teacher; here the KL is fp32). The same at temperature 1.
  5. Steps k count from 1, as the official trainer's: beta(1) = beta / T_warm, and beta(T) = 0 with
     the decay on. The reward is 1/0 (the official +1/-1 gives the same advantages).
- 6. Baselines as their official scripts: --algo grpo (clip 0.2/0.2, no dual clip, no L_ref, a k1
-    KL penalty in the reward), rlsd (the teacher reweights the advantage per token), opd (the
-    distillation and reference terms, no verifier). "Without beta" is --beta 0.
+ 6. Baselines as their official scripts: --algo grpo (clip 0.2/0.2, dual clip 1000, in effect none,
+    no L_ref, a k1 KL penalty in the reward), rlsd (the teacher reweights the advantage per
+    token), opd (the distillation and reference terms, no verifier). "Without beta" is --beta 0.
  7. Not ported: the released lr warm-up (constant here), DAPO dynamic sampling (the released
     scripts set it, its trainer never reads it), per-micro-batch normalisation.
  8. No (tokens, V) tensor: the head runs in chunks and the exact KL's backward is its closed form
@@ -138,7 +138,7 @@ class Rollouts:
     w_teacher: Any = None  # (V, H) the teacher's output matrix
     n_tokens: float = 0.0                     # response tokens of the global mini-batch
 
-    def rows(self, i, j, G):  # rows i..j, whole groups of G; every tensor but w_teacher has rows
+    def rows(self, i, j, G):  # rows i to j-1, whole groups of G; each tensor but w_teacher has rows
         f = {k: v[i:j] for k, v in vars(self).items() if torch.is_tensor(v) and k != "w_teacher"}
         return dataclasses.replace(self, **f, problems=self.problems[i // G:j // G])
 
@@ -466,9 +466,9 @@ def rlsd_lambda(k):
     return RLSD_LAMBDA * max(0.0, 1 - k / RLSD_DECAY)  # core_algos.py:468-474
 
 def score_rollouts(run, batch, k):
-    """Phase 2: log-probs of the sampled tokens under pi_old (the weights that sampled) and
-    pi_ref, then group-relative advantages: official GRPO's of the reward less its KL penalty,
-    rlsd's reweighted by teacher log-probs taken once per rollout batch (ray_trainer.py:1632)."""
+    """Phase 2, filling batch.old_logp, ref_logp, adv: log-probs of the sampled tokens under pi_old
+    (the sampling weights) and pi_ref; group-relative advantages, official GRPO's of the reward less
+    its KL penalty, rlsd's reweighted by teacher log-probs once a batch (ray_trainer.py:1632)."""
     a, G, tau = run.args, run.args.group_size, run.args.temperature
     with torch.no_grad(), run.ctx:
         x, x_pad = batch.x[::G], per_prompt(batch.x_pad, G)
