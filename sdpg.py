@@ -389,6 +389,12 @@ def warm_start(run, train_model, stop):
 
 CONTEXT_SEED = 4321  # draws the held-out contexts that involve chance: the same every time
 
+def generate_padded(run, model, rows, n=1, temperature=0.0, gen=None):  # rows: token lists
+    x, n_pad = left_pad(rows, run.enc.eot_token, run.device)  # -> n responses each, their masks
+    with run.ctx:
+        return model.generate(x, run.args.max_new_tokens, run.enc.eot_token, n, temperature, gen,
+                              n_pad=n_pad)
+
 @torch.no_grad()
 def evaluate(run, model, problems, views=("student", "teacher")):
     """Greedy accuracy of model's student view (x) and teacher view (c + x), of those in views
@@ -399,11 +405,7 @@ def evaluate(run, model, problems, views=("student", "teacher")):
     correct = torch.zeros(3, device=run.device)  # student, teacher, problems
     for i, view in enumerate(("student", "teacher")):
         if mine and view in views:
-            x, n_pad = left_pad(prompts[i][run.rank::run.world_size], run.enc.eot_token,
-                                run.device)
-            with run.ctx:
-                resp, _ = model.generate(x, run.args.max_new_tokens, run.enc.eot_token,
-                                         temperature=0, n_pad=n_pad)
+            resp, _ = generate_padded(run, model, prompts[i][run.rank::run.world_size])
             correct[i] = sum(verify(run.enc, run.task, resp, mine))
     correct[2] = len(mine)
     s, t, n = all_sum(correct).tolist()
@@ -416,12 +418,9 @@ def mean_at_n(run, problems, n):
     mine = problems[run.rank::run.world_size]
     stats = torch.zeros(3, dtype=torch.float64, device=run.device)  # sum acc, sum acc^2, count
     if mine:
-        x, n_pad = left_pad(encode_batch(run.enc, run.task, mine, np.random.default_rng(
-            CONTEXT_SEED))[0], run.enc.eot_token, run.device)
+        x = encode_batch(run.enc, run.task, mine, np.random.default_rng(CONTEXT_SEED))[0]
         gen = torch.Generator(device=run.device).manual_seed(run.args.seed + 7919 + run.rank)
-        with run.ctx:
-            resp, _ = run.model.generate(x, run.args.max_new_tokens, run.enc.eot_token, n, 1.0,
-                                         gen, n_pad=n_pad)
+        resp, _ = generate_padded(run, run.model, x, n, 1.0, gen)
         acc = torch.tensor(verify(run.enc, run.task, resp, mine, n)).double().view(-1, n).mean(1)
         stats += torch.tensor([acc.sum(), (acc ** 2).sum(), len(mine)], device=run.device)
     s1, s2, count = all_sum(stats).tolist()

@@ -183,11 +183,8 @@ def greedy_metrics(run, shard=True):
     mine = problems[run.rank::run.world_size] if shard else problems
     counts = torch.zeros(3, dtype=torch.float64, device=run.device)  # right, derived, lucky
     if mine:
-        x, n_pad = sdpg.left_pad([encode_chars(run.enc, run.task.prompt(p)) for p in mine],
-                                 run.enc.eot_token, run.device)
-        with run.ctx:
-            resp, _ = run.model.generate(x, run.args.max_new_tokens, run.enc.eot_token,
-                                         temperature=0, n_pad=n_pad)
+        resp, _ = sdpg.generate_padded(run, run.model,
+                                       [encode_chars(run.enc, run.task.prompt(p)) for p in mine])
         for r, p in zip(resp.tolist(), mine):
             t = decode_response(run.enc, r)
             won, right = run.task.reward(t, p) > 0, run.task.derivation_right(t, p)
