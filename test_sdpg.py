@@ -2157,3 +2157,20 @@ def test_chain_study_tables_against_hand_computed_shares_and_gaps():
     assert row == f"| release - grpo | 2 | {mean:.3f} ± {std:.3f} | {mean / 2:.3f} ± {std / 2:.3f} | " \
                   f"{lucky_gap:.3f} ± 0.000 | 2/2 |"
     assert "seed 0 900 steps, val acc 0.3" in md
+
+
+def test_chain_study_leaves_out_a_seed_whose_warm_start_fell_short(tmp_path, capsys):
+    """chain.reached reads the warm start's log: a 'reached': False record (sdpg.shortfall's)
+    leaves the seed out, with a line; a warm start that stopped at its bar keeps it."""
+    def warm(name, records):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return str(d)
+    config = {"phase": "config", "rl_steps": 0}
+    landed = warm("warm_s0", [config, {"phase": "sft", "step": 551, "val_acc": 0.3}])
+    short = warm("warm_s4", [config, {"phase": "sft", "step": 2000, "loss": 0.15},
+                             {"phase": "sft", "reached": False, "val_acc": 0.166}])
+    assert chain.reached(landed) and capsys.readouterr().out == ""
+    assert not chain.reached(short)
+    assert "short of its bar (val acc 0.166): this seed is left out" in capsys.readouterr().out

@@ -15,7 +15,7 @@ Writing d_k before s_k keeps each sum local (two tokens back and one), so the de
 learns the chain in a warm start of minutes; written as sums alone, it had not after 1,250 steps.
 Chains of up to 6 digits were too slow to learn: one warm-start seed of three ended 2,000 steps at
 chance, another had not reached the bar at 1,200. Up to 5, the answer context's warm start reached
-the bar in all 4 tried, in 670 to 710 steps; the derivation context's in 5 of 7, in 551 to 1,058
+the bar in all 4 tried, in 670 to 710 steps; the derivation context's in 7 of 9, in 551 to 1,058
 (plausibly because its teacher rows can copy the derivation: half of each batch practises less).
 
 The verifier reads only what follows the last ">": 1.0 if it is the answer digit. Responses are
@@ -37,10 +37,12 @@ greedy on the held-out set: greedy_acc, greedy_deriv_acc and greedy_lucky_share;
 the final weights in a last record {"phase": "chain", "step": T} once training is done.
 
 The study (the official GRPO, the paper and release recipes, each with beta 0, for each context,
-every arm of a seed from the warm start of its context and seed; tools/study.py's runner):
+every arm of a seed from the warm start of its context and seed; tools/study.py's runner; a seed
+whose warm start ends short of its bar is left out, with a line):
 
     python tools/chain.py --quick            # 5 arms x 2 contexts x seed 0
     python tools/chain.py                    # 5 arms x 2 contexts x seeds 0-2
+    python tools/chain.py --contexts derivation --seeds 5 6   # the derivation's 4th and 5th seed
     python tools/chain.py --fp compatible    # the same under a second floating-point setting
     python tools/chain.py --report           # tables and figure again from results/chain/
 
@@ -261,6 +263,16 @@ def collect(context, out_root, results, fp="default"):
     return path
 
 
+def reached(warm):
+    """Whether the warm start in directory warm reached its bar; if not, says so: that seed is
+    left out, as its RL would start from a weaker student than the others'."""
+    short = [r for r in study.read_log(warm) if r.get("reached") is False]
+    if short:
+        print(f"{warm}: the warm start ended short of its bar (val acc {short[0]['val_acc']:.3f}"
+              f"): this seed is left out")
+    return not short
+
+
 def load(path):  # {arm: {seed: run}} from a collected file
     runs = {}
     with open(path) as f:
@@ -368,7 +380,12 @@ def main():
             sys.exit("chain.py: error: the arms must include grpo")
         t0 = time.time()
         study.run_all(args.contexts, seeds, args.arms, args.jobs, out_root, [], table=STUDY,
-                      fp=args.fp, common=RL)
+                      fp=args.fp, warm_only=True)
+        for c in args.contexts:  # RL only from the warm starts that reached their bar
+            landed = [s for s in seeds if reached(os.path.join(out_root, c, f"warm_s{s}"))]
+            if landed:
+                study.run_all([c], landed, args.arms, args.jobs, out_root, [], table=STUDY,
+                              fp=args.fp, common=RL)
         for c in args.contexts:
             collect(c, out_root, args.results, args.fp)
         print(f"chain study: {(time.time() - t0) / 60:.1f} min")
