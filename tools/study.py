@@ -81,16 +81,17 @@ KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each l
 def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default", warm_only=False,
             common=COMMON):
     """Warm starts first (one per regime and seed), then every arm; at most `jobs` processes.
-    seeds: a list, or None for each regime's SEEDS. table: {regime: (flags, ...)}, REGIMES by
+    seeds: a list, {regime: list}, or None for each regime's SEEDS. table: {regime: (flags, ...)}, REGIMES by
     default. fp: a name in FLOAT_CONFIGS, the math libraries' settings of every run. common: the
     RL flags of every run (not of the warm starts)."""
     table = table or REGIMES
+    seeds = seeds if isinstance(seeds, dict) else {r: seeds or SEEDS[r] for r in regimes}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            **FLOAT_CONFIGS[fp]}
     warm = [(r, s, os.path.join(out_root, r, f"warm_s{s}"), table[r][0] + ["--rl_steps", "0", "--eval_samples", "0"])
-            for r in regimes for s in seeds or SEEDS[r]]
+            for r in regimes for s in seeds[r]]
     runs = [(r, s, os.path.join(out_root, r, f"{a}_s{s}"), table[r][0] + common + {**ARMS, **EXTRA}[a])
-            for r in regimes for a in arms for s in seeds or SEEDS[r]]
+            for r in regimes for a in arms for s in seeds[r]]
     runs = [] if warm_only else [run for run in runs if not complete(run[2])]  # finished: kept
     warm = [w for w in warm if not complete(w[2]) and (warm_only or any((r, s) == w[:2] for r, s, _, _ in runs))]
     for phase, todo in (("warm start", warm), ("runs", runs)):
