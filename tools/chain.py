@@ -40,7 +40,7 @@ The study (the official GRPO, the paper and release recipes, each with beta 0, f
 every arm of a seed from the warm start of its context and seed; tools/study.py's runner; a seed
 whose warm start ends short of its bar is left out, with a line):
 
-    python tools/chain.py --quick            # 5 arms x 2 contexts x seed 0
+    python tools/chain.py --quick            # 5 arms x 2 contexts x seed 0 (19 min, 2 cores)
     python tools/chain.py                    # 5 arms x seeds 0-2 (answer), 0-2, 5, 6 (derivation)
     python tools/chain.py --fp compatible    # the same under a second floating-point setting
     python tools/chain.py --report           # tables and figure again from results/chain/
