@@ -81,9 +81,9 @@ KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each l
 def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default", warm_only=False,
             common=COMMON):
     """Warm starts first (one per regime and seed), then every arm; at most `jobs` processes.
-    seeds: a list, {regime: list}, or None for each regime's SEEDS. table: {regime: (flags, ...)}, REGIMES by
-    default. fp: a name in FLOAT_CONFIGS, the math libraries' settings of every run. common: the
-    RL flags of every run (not of the warm starts)."""
+    seeds: a list, {regime: list}, or None for each regime's SEEDS. table: {regime: (flags,
+    ...)}, REGIMES by default. fp: a name in FLOAT_CONFIGS, the math libraries' settings of every
+    run. common: the RL flags of every run (not of the warm starts)."""
     table = table or REGIMES
     seeds = seeds if isinstance(seeds, dict) else {r: seeds or SEEDS[r] for r in regimes}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
