@@ -212,7 +212,7 @@ def test_each_loss_term_equals_its_formula_on_the_full_logits_in_float64():
     assert_close(kl_grad.detach(), kl)
     cap = kl[(m > 0) & (a > 0)].median().item()  # the cap bites on half the gated tokens
     args = parse("--alpha", "0.2", "--opd_gate", "positive", "--kl_cap", str(cap))
-    loss, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
+    loss, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
     expected = {"out": (l_out * m).sum() / n, "ref": 0.2 * (0.5 * (logp - mb.ref_logp) ** 2 * m).sum() / n,
                 "opd": 0.3 * ((a > 0) * kl_grad.clamp(max=cap) * m).sum() / n}
     assert set(terms) == set(expected) and (a > 0).any() and (a < 0).any()
@@ -236,7 +236,7 @@ def test_loss_diagnostics_against_their_definitions():
     n = mb.mask.sum().item()
     mb = dataclasses.replace(mb, n_tokens=n)
     diag = extras.loss_diagnostics(make_run(model, args), 0.3, mb)  # reference = the model itself
-    _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n, 1)
+    _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, 1)
     params = list(model.parameters())
     g = {k: torch.cat([x.flatten() for x in torch.autograd.grad(v, params, retain_graph=True)])
          for k, v in terms.items()}
@@ -619,7 +619,7 @@ def double(mb):
 
 def grads(model, mb, args, world_size, n_tokens_global):
     model.zero_grad()
-    loss, _, _ = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n_tokens_global, world_size)
+    loss, _, _ = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n_tokens_global), args, 0.3, world_size)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -674,7 +674,7 @@ def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
     mb = double(mb)
     args = parse("--algo", "opd", "--alpha", "0.1", "--opd_gate", "positive")
     m, n = mb.mask, mb.mask.sum()
-    loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
+    loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
     z_s = response_logits(model, mb.x, mb.resp)
     z_t = mb.h_teacher @ model.lm_head_weight.T
     kl = brute_force_kl(z_s, z_t)
@@ -683,7 +683,7 @@ def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
     assert set(terms) == {"ref", "opd"}
     assert_close(loss, ((0.3 * kl + 0.1 * ref) * m).sum() / n)
     mb.adv = -mb.adv  # a different verifier outcome: the same loss
-    assert_close(sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)[0], loss)
+    assert_close(sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)[0], loss)
 
 
 def test_kl_cap_and_end_of_text_exclusion_against_float64_autograd():
@@ -701,7 +701,7 @@ def test_kl_cap_and_end_of_text_exclusion_against_float64_autograd():
     for exclude in (False, True):
         flags = ["--opd_gate", "all", "--alpha", "0", "--kl_cap", str(cap)] + (["--opd_exclude_eot"] if exclude else [])
         args = sdpg.resolve(sdpg.parser.parse_args(flags))
-        _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
+        _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
         keep = (~mb.is_eot).double() if exclude else torch.ones_like(m)
         expected = 0.3 * (torch.clamp(kl, max=cap) * keep * m).sum() / n
         assert_close(terms["opd"], expected)
@@ -724,7 +724,7 @@ def test_frozen_teacher_uses_its_own_weights_and_head_against_float64_forwards()
     mb.w_teacher = ref.lm_head_weight.detach()
     args = parse("--algo", "opd", "--alpha", "0", "--kl_cap", "0", "--teacher", "frozen")
     n = mb.mask.sum()
-    loss, sums, _ = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, n.item(), 1)
+    loss, sums, _ = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
     z_s = response_logits(model, mb.x, mb.resp)  # the student's own forward
     z_t = response_logits(ref, mb.cx, mb.resp).detach()  # the frozen teacher's own forward
     expected = 0.3 * (sdpg.full_vocab_reverse_kl(z_s, z_t) * mb.mask).sum() / n
@@ -736,8 +736,8 @@ def test_frozen_teacher_uses_its_own_weights_and_head_against_float64_forwards()
         assert_close(g, g_ref)
     assert all(p.grad is None for p in ref.parameters())  # nothing reaches the frozen teacher
     # the hybrid the option once computed (pi_ref's trunk under the model's head) is another loss
-    hybrid = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, w_teacher=None),
-                                 args, 0.3, n.item(), 1)[0]
+    hybrid = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, w_teacher=None, n_tokens=n.item()),
+                                 args, 0.3, 1)[0]
     assert abs(hybrid.item() - loss.item()) > 0.05 * loss.item()
 
 
@@ -1322,14 +1322,14 @@ for r, (n_tok, sign) in enumerate([(4, 1.0), (7, -1.0)]):
 # reference: one process holding both batches, token-mean over all their tokens
 n_all = sum(b.mask.sum().item() for b in batches)
 model.zero_grad()
-sum(sdpg.minibatch_loss(model, model.lm_head_weight, b, args, 0.3, n_all, 1)[0] for b in batches).backward()
+sum(sdpg.minibatch_loss(model, model.lm_head_weight, test_sdpg.dataclasses.replace(b, n_tokens=n_all), args, 0.3, 1)[0] for b in batches).backward()
 ref = torch.cat([p.grad.flatten() for p in model.parameters()])
 # two ranks under DDP, each with its own batch, through the same calls as the training loop
 model.zero_grad()
 ddp = DDP(model)
 mine = batches[rank]
 n_global = sdpg.all_sum(mine.mask.sum().clone()).item()
-loss, _, _ = sdpg.minibatch_loss(ddp, model.lm_head_weight, mine, args, 0.3, n_global, 2)
+loss, _, _ = sdpg.minibatch_loss(ddp, model.lm_head_weight, test_sdpg.dataclasses.replace(mine, n_tokens=n_global), args, 0.3, 2)
 loss.backward()
 got = torch.cat([p.grad.flatten() for p in model.parameters()])
 torch.testing.assert_close(got, ref)
@@ -1950,7 +1950,7 @@ def test_gradient_cosine_is_float32_under_autocast():
     params = list(model.parameters())
     mb = dataclasses.replace(mb, n_tokens=mb.mask.sum().item())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, mb.n_tokens, 1)
+        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, 1)
         diag = extras.loss_diagnostics(make_run(model, args, ctx=torch.autocast("cpu", dtype=torch.bfloat16)), 0.3, mb)
     g = {k: torch.cat([x.flatten() for x in torch.autograd.grad(terms[k], params, retain_graph=True)]).double()
          for k in ("out", "opd")}
@@ -2159,18 +2159,43 @@ def test_chain_study_tables_against_hand_computed_shares_and_gaps():
     assert "seed 0 900 steps, val acc 0.3" in md
 
 
-def test_chain_study_leaves_out_a_seed_whose_warm_start_fell_short(tmp_path, capsys):
-    """chain.reached reads the warm start's log: a 'reached': False record (sdpg.shortfall's)
-    leaves the seed out, with a line; a warm start that stopped at its bar keeps it."""
+def test_study_leaves_out_a_seed_whose_warm_start_fell_short(tmp_path, monkeypatch, capsys):
+    """study.reached reads the warm start's log: a 'reached': False record (sdpg.shortfall's)
+    leaves the seed out, with a line; a warm start that stopped at its bar keeps it. run_all (of
+    study.py, contexts.py and chain.py) then runs no arm of the seed that fell short."""
+    import study
+
     def warm(name, records):
         d = tmp_path / name
-        d.mkdir()
+        d.mkdir(parents=True)
         (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         return str(d)
     config = {"phase": "config", "rl_steps": 0}
     landed = warm("warm_s0", [config, {"phase": "sft", "step": 551, "val_acc": 0.3}])
     short = warm("warm_s4", [config, {"phase": "sft", "step": 2000, "loss": 0.15},
                              {"phase": "sft", "reached": False, "val_acc": 0.166}])
-    assert chain.reached(landed) and capsys.readouterr().out == ""
-    assert not chain.reached(short)
+    assert study.reached(landed) and capsys.readouterr().out == ""
+    assert not study.reached(short)
     assert "short of its bar (val acc 0.166): this seed is left out" in capsys.readouterr().out
+    started = []
+
+    class Done:  # a process that has already finished: seed 4's warm start falls short
+        returncode = 0
+
+        def __init__(self, cmd, stdout, stderr, env):
+            out = cmd[cmd.index("--out_dir") + 1]
+            started.append(os.path.basename(out))
+            stdout.write("warm start: reusing sft.pt\n")
+            tail = [{"phase": "sft", "reached": False, "val_acc": 0.1}] if out.endswith("warm_s4") \
+                else [{"phase": "eval", "step": 0}]
+            with open(os.path.join(out, "log.jsonl"), "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in [config] + tail))
+            open(os.path.join(out, "sft.pt"), "w").close()
+
+        def poll(self):
+            return 0
+    monkeypatch.setattr(study.subprocess, "Popen", Done)
+    monkeypatch.setattr(study.time, "sleep", lambda s: None)
+    study.run_all(["default"], [0, 4], ["grpo", "release"], 1, str(tmp_path / "grid"), [])
+    assert started == ["warm_s0", "warm_s4", "grpo_s0", "release_s0"]
+    assert capsys.readouterr().out.count("this seed is left out") == 1

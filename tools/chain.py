@@ -226,10 +226,6 @@ GAPS = [("paper_urkl", "paper_beta0"), ("release", "release_beta0"), ("paper_urk
 KL = ("kl_deriv_pos", "kl_ans_pos", "kl_deriv_neg", "kl_ans_neg")
 
 
-def short_of_bar(records):  # the record sdpg.shortfall logs if the warm start missed its bar
-    return next((r for r in records if r.get("reached") is False), None)
-
-
 def collect(context, out_root, results, fp="default"):
     """Every finished run of a context into results/<context>[_<fp>].jsonl, one line per run:
     {arm, seed, eval: [{step, eval_acc, teacher_acc}], rl: [{step, reward, deriv_acc,
@@ -265,18 +261,8 @@ def collect(context, out_root, results, fp="default"):
                     "warm": {"sft_steps": max(r["step"] for r in warm if r["phase"] == "sft" and
                                               "step" in r),
                              "val_acc": round(sft[-1]["val_acc"], 5) if sft else None,
-                             "reached": short_of_bar(warm) is None}}) + "\n")
+                             "reached": study.short_of_bar(warm) is None}}) + "\n")
     return path
-
-
-def reached(warm):
-    """Whether the warm start in directory warm reached its bar; if not, says so: that seed is
-    left out, as its RL would start from a weaker student than the others'."""
-    short = short_of_bar(study.read_log(warm))
-    if short:
-        print(f"{warm}: the warm start ended short of its bar (val acc {short['val_acc']:.3f}"
-              f"): this seed is left out")
-    return short is None
 
 
 def load(path):  # {arm: {seed: run}} from a collected file
@@ -386,11 +372,7 @@ def main():
             sys.exit("chain.py: error: the arms must include grpo")
         t0 = time.time()
         study.run_all(args.contexts, seeds, args.arms, args.jobs, out_root, [], table=STUDY,
-                      fp=args.fp, warm_only=True)
-        landed = {c: [s for s in seeds[c] if reached(os.path.join(out_root, c, f"warm_s{s}"))]
-                  for c in args.contexts}  # RL only from the warm starts that reached their bar
-        study.run_all(args.contexts, landed, args.arms, args.jobs, out_root, [], table=STUDY,
-                      fp=args.fp, common=RL)
+                      fp=args.fp, common=RL)  # RL only from the warm starts that reached their bar
         for c in args.contexts:
             collect(c, out_root, args.results, args.fp)
         print(f"chain study: {(time.time() - t0) / 60:.1f} min")

@@ -1,11 +1,11 @@
 """
 How good must the privileged context be? The official GRPO, SDPG under the paper's recipe (the
 positive gate on) and under the released script's recipe (gate off), and the release recipe with
-beta 0 as a control, x seven contexts x seeds, in the default regime, from one warm start per
-context and seed; a markdown table and a figure.
+beta 0 as a control, x seven contexts x seeds, under one floating-point configuration (--fp),
+from one warm start per context and seed; a markdown table and a figure.
 
-    python tools/contexts.py                      # the full grid: 4 arms x 7 contexts x 3 seeds (111 min)
-    python tools/contexts.py --quick              # a subset: 4 arms x 4 contexts x seed 0 (22 min, 2 cores)
+    python tools/contexts.py                      # the full grid: 4 arms x 7 contexts x 3 seeds
+    python tools/contexts.py --quick              # a subset: 4 arms x 4 contexts x seed 0
     python tools/contexts.py --report             # table and figure again from results/contexts/
 
 The contexts (tools/extras.py --context, extras.context_text): the answer; the carries (a hint that is not
@@ -160,7 +160,7 @@ def figure(summary, runs_by_ctx, out):
     return out
 
 
-def report(contexts, results):
+def report(contexts, results, fp="default"):
     runs_by_ctx = {}
     for ctx in contexts:
         path = os.path.join(results, f"{ctx}.jsonl")
@@ -171,7 +171,8 @@ def report(contexts, results):
         sys.exit(f"contexts.py: error: no collected runs in {results}; run the grid first")
     summary = summarize(runs_by_ctx)
     n_seeds = max(len(s) for runs in runs_by_ctx.values() for s in runs.values())
-    md = "### The privileged context: SDPG against GRPO, default regime\n\n" + tables(summary, n_seeds)
+    where = "default configuration" if fp == "default" else f"configuration {fp} (--fp {fp})"
+    md = f"### The privileged context: SDPG against GRPO, {where}\n\n" + tables(summary, n_seeds)
     with open(os.path.join(results, "contexts.md"), "w") as f:
         f.write(md)
     print(md)
@@ -188,7 +189,7 @@ if __name__ == "__main__":
     parser.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS), help="the gaps need grpo "
                         "(and release_beta0 for release's gap to itself without distillation)")
     parser.add_argument("--quick", action="store_true", help=f"contexts {' '.join(QUICK[0])}, seed 0 "
-                        "(22 minutes on 2 CPU cores); its table and figure go to results/contexts_quick/")
+                        "(21.5 min on 2 CPU cores from an earlier warm start); its table and figure go to results/contexts_quick/")
     parser.add_argument("--fp", default="default", choices=list(study.FLOAT_CONFIGS),
                         help="floating-point configuration of every run (study.FLOAT_CONFIGS)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
@@ -213,4 +214,4 @@ if __name__ == "__main__":
             study.collect(ctx, args.out_dir, args.results)
         print(f"contexts: {len(args.contexts)} contexts x {len(args.arms)} arms x {len(args.seeds)} seeds "
               f"in {(time.time() - t0) / 60:.1f} min")
-    report(args.contexts, args.results)
+    report(args.contexts, args.results, args.fp)

@@ -80,7 +80,8 @@ KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each l
 
 def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default", warm_only=False,
             common=COMMON):
-    """Warm starts first (one per regime and seed), then every arm; at most `jobs` processes.
+    """Warm starts first (one per regime and seed), then every arm of each seed whose warm start
+    reached its bar (a seed that fell short is left out, with a line); at most `jobs` processes.
     seeds: a list, {regime: list}, or None for each regime's SEEDS. table: {regime: (flags,
     ...)}, REGIMES by default. fp: a name in FLOAT_CONFIGS, the math libraries' settings of every
     run. common: the RL flags of every run (not of the warm starts)."""
@@ -95,6 +96,12 @@ def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default
     runs = [] if warm_only else [run for run in runs if not complete(run[2])]  # finished: kept
     warm = [w for w in warm if not complete(w[2]) and (warm_only or any((r, s) == w[:2] for r, s, _, _ in runs))]
     for phase, todo in (("warm start", warm), ("runs", runs)):
+        if phase == "runs":  # RL only from warm starts that reached their bar: else a weaker start
+            landed = {(r, s): reached(os.path.join(out_root, r, f"warm_s{s}"))
+                      for r, s in dict.fromkeys(run[:2] for run in todo)}
+            todo = [run for run in todo if landed[run[:2]]]
+        if not todo:
+            continue
         pending, active, t0 = list(todo), [], time.time()
         print(f"{phase}: {len(todo)} processes, {jobs} at a time", flush=True)
         while pending or active:
@@ -139,6 +146,20 @@ def complete(out):
     except (OSError, json.JSONDecodeError):
         return False
     return any(r["phase"] == "eval" and r["step"] == records[0]["rl_steps"] for r in records[1:])
+
+
+def short_of_bar(records):  # the record sdpg.shortfall logs if the warm start missed its bar
+    return next((r for r in records if r.get("reached") is False), None)
+
+
+def reached(warm):
+    """Whether the warm start in directory warm reached its bar; if not, says so: run_all leaves
+    that seed out, as its RL would start from a weaker student than the others'."""
+    short = short_of_bar(read_log(warm))
+    if short:
+        print(f"{warm}: the warm start ended short of its bar (val acc {short['val_acc']:.3f}"
+              f"): this seed is left out", flush=True)
+    return short is None
 
 
 def tag(regime, fp):  # the name of a regime's collected file under a floating-point configuration
