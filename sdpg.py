@@ -126,7 +126,7 @@ class Rollouts:
     x: torch.Tensor                    # (B, Tp) student prompt of each rollout
     cx: torch.Tensor                   # (B, Tc+Tp) teacher prompt c + x of each rollout
     resp: torch.Tensor                 # (B, Tr) sampled tokens, end-of-text after a row's end
-    mask: torch.Tensor                 # (B, Tr) 1.0 on response tokens up to the first eot
+    mask: torch.Tensor                 # (B, Tr) 1.0 on response tokens to the first eot, with it
     is_eot: torch.Tensor               # (B, Tr) True at end-of-text tokens
     rewards: torch.Tensor              # (B,) the verifier's
     x_pad: Any = None      # (B,) left padding of each x; None: prompts of one length (left_pad)
@@ -142,12 +142,12 @@ class Rollouts:
         f = {k: v[i:j] for k, v in vars(self).items() if torch.is_tensor(v) and k != "w_teacher"}
         return dataclasses.replace(self, **f, problems=self.problems[i // G:j // G])
 
-def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
+def minibatch_loss(model, weight, mb, args, beta, world_size):
     """One mini-batch's loss on this rank, scaled so that DDP's average over ranks is the
     token-mean over the global mini-batch. model: the student (maybe under DDP); weight: its
-    output matrix (V, H); args.algo picks the terms: sdpg out + ref + opd, grpo and rlsd out + ref,
-    opd ref + opd ungated. Returns the loss, metric sums over this rank's response tokens by name,
-    and the loss's weighted terms {out, ref, opd}, which sum to it."""
+    output matrix (V, H); args.algo picks the terms: sdpg out + ref + opd, grpo and rlsd out + ref
+    (alpha 0 officially), opd ref + opd ungated. Returns the loss, metric sums over this rank's
+    response tokens by name, and its weighted terms {out, ref, opd}, which sum to it."""
     tau, m = args.temperature, mb.mask  # tau: the temperature
     h = response_hidden(model, mb.x, mb.resp, mb.x_pad).flatten(0, 1)  # (B*Tr, H), via DDP
     logp = chunked_token_logprobs(h, weight, mb.resp.flatten(), tau).view(m.shape)  # (B, Tr)
@@ -176,7 +176,7 @@ def minibatch_loss(model, weight, mb, args, beta, n_tokens_global, world_size):
         sums = {"loss_opd": gate * kl_used, "kl_teacher": kl}
     # token-mean over the global mini-batch: the sum over this rank's response tokens over those
     # of all ranks, times world_size because DDP averages the gradients over ranks
-    terms = {k: (v * m).sum() * world_size / n_tokens_global for k, v in per_token.items()}
+    terms = {k: (v * m).sum() * world_size / mb.n_tokens for k, v in per_token.items()}
     with torch.no_grad():
         log_w = logp - ref_logp
         sums.update(loss=sum(per_token.values()), loss_out=l_out, loss_ref=l_ref,
@@ -505,7 +505,7 @@ def update(run, batch, beta, k, hook):
             extra = hook(run, k, beta, mb) or {}
         with run.ctx:
             loss, mb_sums, _ = minibatch_loss(run.train_model, run.model.lm_head_weight, mb, a,
-                                              beta, mb.n_tokens, run.world_size)
+                                              beta, run.world_size)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # the norm is of the gradients DDP already averaged, so every rank takes the same branch

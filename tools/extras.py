@@ -143,7 +143,7 @@ def loss_diagnostics(run, beta, mb):
     params = [p for p in model.parameters() if p.requires_grad]
     out, grads = {}, {}
     with run.ctx:
-        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, a, beta, mb.n_tokens, ws)
+        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, a, beta, ws)
     # the gradients, norms and cosine in fp32 outside autocast, as loss.backward() runs
     with torch.autocast(params[0].device.type, enabled=False):
         for k, term in terms.items():

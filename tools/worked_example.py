@@ -44,11 +44,11 @@ def worked_example(model, enc, task, problem, args, seed):
         logp = chunked_token_logprobs(hs.flatten(0, 1), W, resp.flatten(), T).view(resp.shape)
         logq = chunked_token_logprobs(ht.flatten(0, 1), W, resp.flatten(), T).view(resp.shape)
         kl = sdpg.full_vocab_reverse_kl(hs @ W.T / T, ht @ W.T / T)  # (G, Tr)
+    n_tok = mask.sum().item()
     mb = sdpg.Rollouts([problem], x.repeat_interleave(G, 0), cx.repeat_interleave(G, 0), resp, mask,
                        resp == enc.eot_token, rewards, old_logp=logp, ref_logp=logp, adv=adv,
-                       h_teacher=ht, w_teacher=W.detach())
-    n_tok = mask.sum().item()
-    loss, _, terms = sdpg.minibatch_loss(model, W, mb, args, args.beta, n_tok, 1)
+                       h_teacher=ht, w_teacher=W.detach(), n_tokens=n_tok)
+    loss, _, terms = sdpg.minibatch_loss(model, W, mb, args, args.beta, 1)
     params = [p for p in model.parameters()]
     term_grad = {}
     for k, v in terms.items():  # each term's gradient norm: a term can be 0 and still move the weights
