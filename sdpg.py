@@ -84,7 +84,7 @@ def kl_in_reward_scores(rewards, old_logp, ref_logp, mask, coef):
     over the response (ray_trainer.py:91-97, core_algos.py:629). (B,), (B, Tr) x3 -> (B,)."""
     return rewards - coef * ((old_logp - ref_logp) * mask).sum(1)
 
-def clipped_surrogate(logp, old_logp, adv, clip_low=0.2, clip_high=0.28, dual_clip=10.0):
+def clipped_surrogate(logp, old_logp, adv, clip_low, clip_high, dual_clip):
     """l_t = max(-A r_t, -A clip(r_t, 1-clip_low, 1+clip_high)), r_t = exp(logp - old_logp), and
     for A < 0 at most -A * dual_clip. (B, Tr) each, adv broadcast. Returns l (B, Tr) and a bool
     (B, Tr), True where a clip is active (no gradient)."""
@@ -159,9 +159,11 @@ def minibatch_loss(model, weight, mb, args, beta, world_size):
     l_out, clipped = clipped_surrogate(logp, old_logp, adv, args.clip_low, args.clip_high,
                                        args.dual_clip)
     l_ref = ref_penalty(logp, ref_logp, args.kl_mode)
-    per_token = {"out": l_out} if args.algo != "opd" else {}  # opd: no verifier term
-    per_token["ref"] = args.alpha * l_ref  # each (B, Tr)
-    sums = {}
+    # three dicts by term name: weighted (B, Tr) each term times its weight, per token; terms its
+    # token-mean (they sum to the loss); metrics (B, Tr) per token, summed below for the log
+    weighted = {"out": l_out} if args.algo != "opd" else {}  # opd: no verifier term
+    weighted["ref"] = args.alpha * l_ref
+    metrics = {}
     if args.algo in ("sdpg", "opd"):  # each view from its own weights, over the whole vocabulary
         kl = fused_reverse_kl(h, mb.h_teacher.flatten(0, 1), weight, tau,
                               teacher_weight=mb.w_teacher).view(m.shape)  # (B, Tr)
@@ -172,18 +174,18 @@ def minibatch_loss(model, weight, mb, args, beta, world_size):
             kl_used = kl_used * ~mb.is_eot
         gated = args.algo == "sdpg" and args.opd_gate == "positive"  # opd has no advantage
         gate = (adv > 0).float().expand_as(kl) if gated else torch.ones_like(kl)
-        per_token["opd"] = beta * gate * kl_used
-        sums = {"loss_opd": gate * kl_used, "kl_teacher": kl}
+        weighted["opd"] = beta * gate * kl_used
+        metrics = {"loss_opd": gate * kl_used, "kl_teacher": kl}
     # token-mean over the global mini-batch: the sum over this rank's response tokens over those
     # of all ranks, times world_size because DDP averages the gradients over ranks
-    terms = {k: (v * m).sum() * world_size / mb.n_tokens for k, v in per_token.items()}
+    terms = {k: (v * m).sum() * world_size / mb.n_tokens for k, v in weighted.items()}
     with torch.no_grad():
         log_w = logp - ref_logp
-        sums.update(loss=sum(per_token.values()), loss_out=l_out, loss_ref=l_ref,
-                    kl_ref=torch.exp(-log_w) - 1 + log_w,  # k3 >= 0
-                    entropy=chunked_entropy(h, weight, tau).view(m.shape),
-                    clip_frac=clipped.float())
-        sums = {k: (v.detach() * m).sum() for k, v in sums.items()}
+        metrics.update(loss=sum(weighted.values()), loss_out=l_out, loss_ref=l_ref,
+                       kl_ref=torch.exp(-log_w) - 1 + log_w,  # k3 >= 0
+                       entropy=chunked_entropy(h, weight, tau).view(m.shape),
+                       clip_frac=clipped.float())
+        sums = {k: (v.detach() * m).sum() for k, v in metrics.items()}
     return sum(terms.values()), sums, terms
 
 

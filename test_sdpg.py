@@ -1630,27 +1630,32 @@ def test_study_landing_and_claims_tables_by_hand(tmp_path):
     assert "| paper recipe - official GRPO, final | - | - |" in claims  # no paper arm: no claim
 
 
+def finished_process(started, tail=lambda out: [{"phase": "eval", "step": 0}]):
+    """A stand-in for subprocess.Popen in study.run_all: a process that has already finished, its
+    log written (a config record, then tail(out_dir)) and its sft.pt in place; started collects
+    each (out_dir, env)."""
+    class Done:
+        returncode = 0
+
+        def __init__(self, cmd, stdout, stderr, env):
+            out = cmd[cmd.index("--out_dir") + 1]
+            started.append((out, env))
+            stdout.write("warm start: reusing sft.pt\n")
+            with open(os.path.join(out, "log.jsonl"), "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in [{"phase": "config", "rl_steps": 0}] + tail(out)))
+            open(os.path.join(out, "sft.pt"), "w").close()
+
+        def poll(self):
+            return 0
+    return Done
+
+
 def test_study_runs_each_process_under_its_named_floating_point_configuration(tmp_path, monkeypatch):
     """--fp NAME: every warm start and run gets FLOAT_CONFIGS[NAME]'s variables on top of one
     thread each; the default configuration adds nothing."""
     import study
     seen = []
-
-    class Done:  # a process that has already finished, its log complete
-        returncode = 0
-
-        def __init__(self, cmd, stdout, stderr, env):
-            out = cmd[cmd.index("--out_dir") + 1]
-            seen.append((out, env))
-            stdout.write("warm start: reusing sft.pt\n")
-            with open(os.path.join(out, "log.jsonl"), "w") as f:
-                f.write(json.dumps({"phase": "config", "rl_steps": 0}) + "\n")
-                f.write(json.dumps({"phase": "eval", "step": 0}) + "\n")
-            open(os.path.join(out, "sft.pt"), "w").close()
-
-        def poll(self):
-            return 0
-    monkeypatch.setattr(study.subprocess, "Popen", Done)
+    monkeypatch.setattr(study.subprocess, "Popen", finished_process(seen))
     monkeypatch.setattr(study.time, "sleep", lambda s: None)
     for fp in ("compatible", "default"):
         seen.clear()
@@ -2179,23 +2184,11 @@ def test_study_leaves_out_a_seed_whose_warm_start_fell_short(tmp_path, monkeypat
     assert "short of its bar (val acc 0.166): this seed is left out" in capsys.readouterr().out
     started = []
 
-    class Done:  # a process that has already finished: seed 4's warm start falls short
-        returncode = 0
-
-        def __init__(self, cmd, stdout, stderr, env):
-            out = cmd[cmd.index("--out_dir") + 1]
-            started.append(os.path.basename(out))
-            stdout.write("warm start: reusing sft.pt\n")
-            tail = [{"phase": "sft", "reached": False, "val_acc": 0.1}] if out.endswith("warm_s4") \
-                else [{"phase": "eval", "step": 0}]
-            with open(os.path.join(out, "log.jsonl"), "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in [config] + tail))
-            open(os.path.join(out, "sft.pt"), "w").close()
-
-        def poll(self):
-            return 0
-    monkeypatch.setattr(study.subprocess, "Popen", Done)
+    def tail(out):  # seed 4's warm start falls short
+        return [{"phase": "sft", "reached": False, "val_acc": 0.1}] if out.endswith("warm_s4") \
+            else [{"phase": "eval", "step": 0}]
+    monkeypatch.setattr(study.subprocess, "Popen", finished_process(started, tail))
     monkeypatch.setattr(study.time, "sleep", lambda s: None)
     study.run_all(["default"], [0, 4], ["grpo", "release"], 1, str(tmp_path / "grid"), [])
-    assert started == ["warm_s0", "warm_s4", "grpo_s0", "release_s0"]
+    assert [os.path.basename(out) for out, _ in started] == ["warm_s0", "warm_s4", "grpo_s0", "release_s0"]
     assert capsys.readouterr().out.count("this seed is left out") == 1
