@@ -192,26 +192,28 @@ def test_kl_estimators_expectations_by_exhaustive_enumeration():
     assert (k3 >= 0).all() and (k1 < 0).any()
 
 
-def test_each_loss_term_equals_its_formula_on_the_full_logits_in_float64():
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_each_loss_term_equals_its_formula_on_the_full_logits_in_float64(tau):
     """minibatch_loss's terms, each against its equation recomputed from the full (B, Tr, V) logits
     in float64: L_out the clipped surrogate, alpha L_ref the urkl penalty, beta L_OPD the gated,
-    capped reverse KL, each a token-mean; and their gradients."""
+    capped reverse KL, each a token-mean; and their gradients. The temperature tau divides both
+    views' logits, and the logged entropy is the student's at tau."""
     model = tiny_gpt(torch.float64)
     mb = double(fixed_rollouts(model, 4, seed=12))
     mb.adv = torch.tensor([1.0, -0.5, 2.0, -2.0], dtype=torch.float64)  # both signs, gated and not
     m, n = mb.mask, mb.mask.sum()
-    z_s = response_logits(model, mb.x, mb.resp)  # (B, Tr, V), autograd through the model
+    z_s = response_logits(model, mb.x, mb.resp) / tau  # (B, Tr, V), autograd through the model
     logp = torch.log_softmax(z_s, -1).gather(-1, mb.resp[..., None])[..., 0]
     ratio = torch.exp(logp - mb.old_logp)
     a = mb.adv[:, None]
     l_out = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
     l_out = torch.where((a < 0) & (l_out > -10 * a), -10 * a, l_out)  # the dual clip
-    z_t = mb.h_teacher @ model.lm_head_weight.detach().T
+    z_t = mb.h_teacher @ model.lm_head_weight.detach().T / tau
     kl = brute_force_kl(z_s.detach(), z_t)
     kl_grad = sdpg.full_vocab_reverse_kl(z_s, z_t)
     assert_close(kl_grad.detach(), kl)
     cap = kl[(m > 0) & (a > 0)].median().item()  # the cap bites on half the gated tokens
-    args = parse("--alpha", "0.2", "--opd_gate", "positive", "--kl_cap", str(cap))
+    args = parse("--alpha", "0.2", "--opd_gate", "positive", "--kl_cap", str(cap), "--temperature", str(tau))
     loss, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
     expected = {"out": (l_out * m).sum() / n, "ref": 0.2 * (0.5 * (logp - mb.ref_logp) ** 2 * m).sum() / n,
                 "opd": 0.3 * ((a > 0) * kl_grad.clamp(max=cap) * m).sum() / n}
@@ -224,6 +226,8 @@ def test_each_loss_term_equals_its_formula_on_the_full_logits_in_float64():
             assert_close(g, g_ref)
     assert_close(sums["kl_teacher"], (kl * m).sum())  # logged uncapped and ungated
     assert_close(sums["loss_opd"], ((a > 0) * kl.clamp(max=cap) * m).sum())
+    logp_all = torch.log_softmax(z_s.detach(), -1)
+    assert_close(sums["entropy"], (-(logp_all.exp() * logp_all).sum(-1) * m).sum())
 
 
 def test_loss_diagnostics_against_their_definitions():
@@ -1390,25 +1394,77 @@ def test_two_nodes_under_torchrun_agree_on_the_world_and_the_weights(tmp_path):
     assert read_log(str(tmp_path / "out0"))[0]["world_size"] == 2
 
 
-def test_the_hook_sees_on_policy_rollouts_scored_by_pi_old_and_pi_ref(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tau", ["1", "0.7"])
+def test_the_hook_sees_on_policy_rollouts_scored_by_pi_old_and_pi_ref(tau, tmp_path, monkeypatch):
     """At each step's first mini-batch, before its update, old_logp is the current weights'
-    log-prob of the sampled tokens (pi_old = the weights that sampled) and ref_logp pi_ref's;
-    the teacher's hidden states are the current weights' reading of c + x."""
+    log-prob of the sampled tokens (pi_old = the weights that sampled) and ref_logp pi_ref's, both
+    at the temperature, against the full logits over tau in float64; the teacher's hidden states
+    are the current weights' reading of c + x."""
     seen = []
+
+    def token_logprobs(model, mb):  # log softmax(z / tau) of each sampled token, float64
+        z = response_logits(model, mb.x, mb.resp, mb.x_pad).double() / float(tau)
+        return torch.log_softmax(z, -1).gather(-1, mb.resp[..., None])[..., 0]
 
     def hook(run, k, beta, mb):
         G = run.args.group_size
-        logp = run.model.token_logprobs(mb.x[::G], mb.resp, G)
-        ref = run.ref_model.token_logprobs(mb.x[::G], mb.resp, G)
+        logp, ref = token_logprobs(run.model, mb), token_logprobs(run.ref_model, mb)
         teacher = run.model.score(mb.cx[::G], mb.resp, G)
         m = mb.mask.bool()
         seen.append(((logp - mb.old_logp)[m].abs().max().item(), (ref - mb.ref_logp)[m].abs().max().item(),
                      (teacher - mb.h_teacher).abs().max().item(), (logp - ref)[m].abs().max().item()))
         return {}
 
-    run_in_process(monkeypatch, TINY + ["--sft_until", "0", "--out_dir", str(tmp_path)], hook=hook)
+    run_in_process(monkeypatch, TINY + ["--sft_until", "0", "--out_dir", str(tmp_path), "--temperature", tau],
+                   hook=hook)
     assert len(seen) == 3 and all(max(s[:3]) < 1e-5 for s in seen)
     assert seen[0][3] < 1e-5 < seen[-1][3]  # pi_theta = pi_ref at step 1 only
+
+
+@pytest.mark.parametrize("recipe, clip, optimizer", [("paper", 0.05, torch.optim.AdamW),
+                                                     ("release", 0.0, torch.optim.SGD)])
+def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(recipe, clip, optimizer):
+    """Phases 1 to 3 on a float64 model (4 prompts x G = 2, two mini-batches of two groups)
+    against a plain loop written from the equations: for each slice of whole groups, the
+    teacher's logits recomputed from the current weights (so the second mini-batch's teacher has
+    taken the first step), the three terms as token-means over that mini-batch from its full
+    logits over tau, the gradient clipped, one optimizer step. AdamW with a clip that bites, and
+    plain SGD without one, whose step shows the gradient's scale (the token count it is over)."""
+    import copy
+    args = parse("--recipe", recipe, "--group_size", "2", "--prompts_per_step", "4", "--max_new_tokens", "6",
+                 "--lr", "1e-2", "--grad_clip", str(clip), "--temperature", "0.8", "--alpha", "0.5", "--beta", "0.4")
+    model = tiny_gpt(torch.float64)
+    run = make_run(model, args, ref_model=copy.deepcopy(tiny_gpt(torch.float64, seed=1)).requires_grad_(False))
+    run.rl_rng, run.gen = np.random.default_rng(5), torch.Generator().manual_seed(5)
+    batch = sdpg.sample_rollouts(run, 4)
+    sdpg.score_rollouts(run, batch, 1)
+    batch.adv = torch.tensor([1.0, -1.0, 0.5, -2.0, 0.0, 1.5, -0.7, 0.3], dtype=torch.float64)  # any signs
+    plain = copy.deepcopy(model)
+    run.optimizer = optimizer(model.parameters(), lr=args.lr, weight_decay=sdpg.WEIGHT_DECAY)
+    sdpg.update(run, batch, 0.4, 1, None)
+
+    opt, tau, a = optimizer(plain.parameters(), lr=args.lr, weight_decay=sdpg.WEIGHT_DECAY), 0.8, args
+    norms = []
+    for rows in (slice(0, 4), slice(4, 8)):
+        resp, m, adv = batch.resp[rows], batch.mask[rows], batch.adv[rows, None]
+        logp_all = torch.log_softmax(response_logits(plain, batch.x[rows], resp) / tau, -1)
+        with torch.no_grad():
+            logq_all = torch.log_softmax(response_logits(plain, batch.cx[rows], resp) / tau, -1)
+        logp = logp_all.gather(-1, resp[..., None])[..., 0]
+        ratio = torch.exp(logp - batch.old_logp[rows])
+        l_out = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - a.clip_low, 1 + a.clip_high))
+        l_out = torch.where((adv < 0) & (l_out > -a.dual_clip * adv), -a.dual_clip * adv, l_out)
+        l_ref = 0.5 * (logp - batch.ref_logp[rows]) ** 2
+        kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1).clamp(max=a.kl_cap)
+        gate = (adv > 0).double() if recipe == "paper" else torch.ones_like(adv)
+        loss = ((l_out + 0.5 * l_ref + 0.4 * gate * kl) * m).sum() / m.sum()
+        opt.zero_grad()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(plain.parameters(), clip or math.inf).item())
+        opt.step()
+    assert min(norms) > 0.05  # with the clip on, it bites on both mini-batches
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert_close(p, q)
 
 
 @pytest.mark.parametrize("context", [["answer"], ["hint"], ["partial"], ["noisy", "0.5"], ["irrelevant"]])
