@@ -1421,48 +1421,68 @@ def test_the_hook_sees_on_policy_rollouts_scored_by_pi_old_and_pi_ref(tau, tmp_p
     assert seen[0][3] < 1e-5 < seen[-1][3]  # pi_theta = pi_ref at step 1 only
 
 
-@pytest.mark.parametrize("recipe, clip, optimizer", [("paper", 0.05, torch.optim.AdamW),
-                                                     ("release", 0.0, torch.optim.SGD)])
-def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(recipe, clip, optimizer):
-    """Phases 1 to 3 on a float64 model (4 prompts x G = 2, two mini-batches of two groups)
-    against a plain loop written from the equations: for each slice of whole groups, the
-    teacher's logits recomputed from the current weights (so the second mini-batch's teacher has
-    taken the first step), the three terms as token-means over that mini-batch from its full
+@pytest.mark.parametrize("algo, recipe, clip, optimizer", [
+    ("sdpg", "paper", 0.05, torch.optim.AdamW), ("sdpg", "release", 0.0, torch.optim.SGD),
+    ("grpo", "paper", 0.0, torch.optim.SGD), ("rlsd", "paper", 0.0, torch.optim.SGD)])
+def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(algo, recipe, clip, optimizer):
+    """Phases 2 and 3 on a float64 model's rollouts (4 prompts x G = 2, two mini-batches of two
+    groups) against a plain loop written from the equations: the advantages from the rewards
+    (GRPO's less its k1 penalty, RLSD's reweighted by the teacher); then for each slice of whole
+    groups the teacher's logits recomputed from the current weights (so the second mini-batch's
+    teacher has taken the first step), the terms as token-means over that mini-batch from the full
     logits over tau, the gradient clipped, one optimizer step. AdamW with a clip that bites, and
     plain SGD without one, whose step shows the gradient's scale (the token count it is over)."""
     import copy
-    args = parse("--recipe", recipe, "--group_size", "2", "--prompts_per_step", "4", "--max_new_tokens", "6",
-                 "--lr", "1e-2", "--grad_clip", str(clip), "--temperature", "0.8", "--alpha", "0.5", "--beta", "0.4")
+    args = parse("--algo", algo, "--recipe", recipe, "--group_size", "2", "--prompts_per_step", "4",
+                 "--max_new_tokens", "6", "--lr", "1e-2", "--grad_clip", str(clip), "--temperature", "0.8",
+                 "--alpha", "0.5", "--beta", "0.4")
     model = tiny_gpt(torch.float64)
     run = make_run(model, args, ref_model=copy.deepcopy(tiny_gpt(torch.float64, seed=1)).requires_grad_(False))
     run.rl_rng, run.gen = np.random.default_rng(5), torch.Generator().manual_seed(5)
     batch = sdpg.sample_rollouts(run, 4)
-    sdpg.score_rollouts(run, batch, 1)
-    batch.adv = torch.tensor([1.0, -1.0, 0.5, -2.0, 0.0, 1.5, -0.7, 0.3], dtype=torch.float64)  # any signs
+    batch.rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0])  # two groups with signal
     plain = copy.deepcopy(model)
+    sdpg.score_rollouts(run, batch, 1)
     run.optimizer = optimizer(model.parameters(), lr=args.lr, weight_decay=sdpg.WEIGHT_DECAY)
-    sdpg.update(run, batch, 0.4, 1, None)
+    sdpg.update(run, batch, 0.4 if algo == "sdpg" else 0.0, 1, None)
 
-    opt, tau, a = optimizer(plain.parameters(), lr=args.lr, weight_decay=sdpg.WEIGHT_DECAY), 0.8, args
-    norms = []
+    tau, a, m_all = 0.8, args, batch.mask
+    def logprobs(net, prompts):  # (B, Tr, V) log softmax(z / tau) and the sampled tokens' (B, Tr)
+        all_ = torch.log_softmax(response_logits(net, prompts, batch.resp) / tau, -1)
+        return all_, all_.gather(-1, batch.resp[..., None])[..., 0]
+    with torch.no_grad():
+        old, ref = logprobs(plain, batch.x)[1], logprobs(run.ref_model, batch.x)[1]
+        scores = batch.rewards.double()
+        if algo == "grpo":  # k1 summed over the response, 1e-3 (the official script's)
+            scores = scores - 1e-3 * ((old - ref) * m_all).sum(1)
+        r = scores.view(4, 2)
+        adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)).view(-1, 1)
+        if algo == "rlsd":  # lambda(1) = 0.5 (1 - 1/50), the weight clipped to [0.8, 1.2]
+            lam, delta = 0.5 * (1 - 1 / 50), (logprobs(plain, batch.cx)[1] - old).clamp(-20, 20)
+            adv = (1 - lam) * adv + lam * adv * torch.exp(torch.sign(adv) * delta).clamp(0.8, 1.2)
+    assert_close(batch.old_logp * m_all, old * m_all)
+    assert_close(batch.ref_logp * m_all, ref * m_all)
+    assert_close(batch.adv.view(8, -1).double(), adv, rtol=1e-6, atol=1e-6)  # float32 from the rewards
+    adv = batch.adv.view(8, -1).double()  # checked; its float32 rounding, as the update sees it
+    opt, norms = optimizer(plain.parameters(), lr=args.lr, weight_decay=sdpg.WEIGHT_DECAY), []
     for rows in (slice(0, 4), slice(4, 8)):
-        resp, m, adv = batch.resp[rows], batch.mask[rows], batch.adv[rows, None]
-        logp_all = torch.log_softmax(response_logits(plain, batch.x[rows], resp) / tau, -1)
-        with torch.no_grad():
-            logq_all = torch.log_softmax(response_logits(plain, batch.cx[rows], resp) / tau, -1)
-        logp = logp_all.gather(-1, resp[..., None])[..., 0]
-        ratio = torch.exp(logp - batch.old_logp[rows])
-        l_out = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - a.clip_low, 1 + a.clip_high))
-        l_out = torch.where((adv < 0) & (l_out > -a.dual_clip * adv), -a.dual_clip * adv, l_out)
-        l_ref = 0.5 * (logp - batch.ref_logp[rows]) ** 2
-        kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1).clamp(max=a.kl_cap)
-        gate = (adv > 0).double() if recipe == "paper" else torch.ones_like(adv)
-        loss = ((l_out + 0.5 * l_ref + 0.4 * gate * kl) * m).sum() / m.sum()
+        m, A = m_all[rows], adv[rows]
+        logp_all, logp = logprobs(plain, batch.x)
+        logp_all, logp = logp_all[rows], logp[rows]
+        ratio = torch.exp(logp - old[rows])
+        l_out = torch.maximum(-A * ratio, -A * ratio.clamp(1 - a.clip_low, 1 + a.clip_high))
+        l_out = torch.where((A < 0) & (l_out > -a.dual_clip * A), -a.dual_clip * A, l_out)
+        loss = l_out + a.alpha * 0.5 * (logp - ref[rows]) ** 2  # alpha 0 under grpo and rlsd
+        if algo == "sdpg":
+            with torch.no_grad():
+                logq_all = logprobs(plain, batch.cx)[0][rows]
+            kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1).clamp(max=a.kl_cap)
+            loss = loss + 0.4 * ((A > 0).double() if recipe == "paper" else 1.0) * kl
         opt.zero_grad()
-        loss.backward()
+        ((loss * m).sum() / m.sum()).backward()
         norms.append(torch.nn.utils.clip_grad_norm_(plain.parameters(), clip or math.inf).item())
         opt.step()
-    assert min(norms) > 0.05  # with the clip on, it bites on both mini-batches
+    assert clip == 0 or min(norms) > clip  # with the clip on, it bites on both mini-batches
     for p, q in zip(model.parameters(), plain.parameters()):
         assert_close(p, q)
 
