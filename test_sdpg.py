@@ -1423,11 +1423,12 @@ def test_the_hook_sees_on_policy_rollouts_scored_by_pi_old_and_pi_ref(tau, tmp_p
 
 @pytest.mark.parametrize("algo, recipe, clip, optimizer", [
     ("sdpg", "paper", 0.05, torch.optim.AdamW), ("sdpg", "release", 0.0, torch.optim.SGD),
-    ("grpo", "paper", 0.0, torch.optim.SGD), ("rlsd", "paper", 0.0, torch.optim.SGD)])
+    ("grpo", "paper", 0.0, torch.optim.SGD), ("rlsd", "paper", 0.0, torch.optim.SGD),
+    ("opd", "paper", 0.0, torch.optim.SGD)])
 def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(algo, recipe, clip, optimizer):
     """Phases 2 and 3 on a float64 model's rollouts (4 prompts x G = 2, two mini-batches of two
     groups) against a plain loop written from the equations: the advantages from the rewards
-    (GRPO's less its k1 penalty, RLSD's reweighted by the teacher); then for each slice of whole
+    (GRPO's less its k1 penalty, RLSD's reweighted by the teacher; OPD reads none); then for each slice of whole
     groups the teacher's logits recomputed from the current weights (so the second mini-batch's
     teacher has taken the first step), the terms as token-means over that mini-batch from the full
     logits over tau, the gradient clipped, one optimizer step. AdamW with a clip that bites, and
@@ -1444,7 +1445,7 @@ def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(algo, reci
     plain = copy.deepcopy(model)
     sdpg.score_rollouts(run, batch, 1)
     run.optimizer = optimizer(model.parameters(), lr=args.lr, weight_decay=sdpg.WEIGHT_DECAY)
-    sdpg.update(run, batch, 0.4 if algo == "sdpg" else 0.0, 1, None)
+    sdpg.update(run, batch, 0.4 if algo in ("sdpg", "opd") else 0.0, 1, None)
 
     tau, a, m_all = 0.8, args, batch.mask
     def logprobs(net, prompts):  # (B, Tr, V) log softmax(z / tau) and the sampled tokens' (B, Tr)
@@ -1472,12 +1473,12 @@ def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(algo, reci
         ratio = torch.exp(logp - old[rows])
         l_out = torch.maximum(-A * ratio, -A * ratio.clamp(1 - a.clip_low, 1 + a.clip_high))
         l_out = torch.where((A < 0) & (l_out > -a.dual_clip * A), -a.dual_clip * A, l_out)
-        loss = l_out + a.alpha * 0.5 * (logp - ref[rows]) ** 2  # alpha 0 under grpo and rlsd
-        if algo == "sdpg":
+        loss = (0 if algo == "opd" else l_out) + a.alpha * 0.5 * (logp - ref[rows]) ** 2  # alpha 0: grpo, rlsd
+        if algo in ("sdpg", "opd"):  # the gate only under sdpg's paper recipe
             with torch.no_grad():
                 logq_all = logprobs(plain, batch.cx)[0][rows]
             kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1).clamp(max=a.kl_cap)
-            loss = loss + 0.4 * ((A > 0).double() if recipe == "paper" else 1.0) * kl
+            loss = loss + 0.4 * ((A > 0).double() if (algo, recipe) == ("sdpg", "paper") else 1.0) * kl
         opt.zero_grad()
         ((loss * m).sum() / m.sum()).backward()
         norms.append(torch.nn.utils.clip_grad_norm_(plain.parameters(), clip or math.inf).item())
