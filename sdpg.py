@@ -121,7 +121,8 @@ def beta_schedule(k, total_steps, beta, warmup, decay):
 
 @dataclasses.dataclass
 class Rollouts:
-    """Rollouts on this rank, G consecutive rows per problem: one RL step's, or a mini-batch's."""
+    """Rollouts on this rank, G consecutive rows per problem: one RL step's, or a mini-batch's.
+    Every row is one rollout, its prompts repeated; the no-grad passes read every G-th row."""
     problems: list                     # the task's problems, one per group
     x: torch.Tensor                    # (B, Tp) student prompt of each rollout
     cx: torch.Tensor                   # (B, Tc+Tp) teacher prompt c + x of each rollout
@@ -153,23 +154,20 @@ def minibatch_loss(model, weight, mb, args, beta, world_size):
     logp = chunked_token_logprobs(h, weight, mb.resp.flatten(), tau).view(m.shape)  # (B, Tr)
     # past a row's end the log-ratios are 0: exp() of an untrained padding position could
     # overflow, and inf * mask 0 is NaN in the gradient
-    old_logp = torch.where(m == 0, logp.detach(), mb.old_logp)
-    ref_logp = torch.where(m == 0, logp.detach(), mb.ref_logp)
+    old_logp, ref_logp = (torch.where(m == 0, logp.detach(), t) for t in (mb.old_logp, mb.ref_logp))
     adv = mb.adv if mb.adv.dim() == 2 else mb.adv[:, None]  # (B, Tr) or (B, 1)
     l_out, clipped = clipped_surrogate(logp, old_logp, adv, args.clip_low, args.clip_high,
                                        args.dual_clip)
     l_ref = ref_penalty(logp, ref_logp, args.kl_mode)
-    # three dicts by term name: weighted (B, Tr) each term times its weight, per token; terms its
-    # token-mean (they sum to the loss); metrics (B, Tr) per token, summed below for the log
+    # by name: weighted (B, Tr) each term with its weight, terms their token-means; metrics (B, Tr)
     weighted = {"out": l_out} if args.algo != "opd" else {}  # opd: no verifier term
     weighted["ref"] = args.alpha * l_ref
     metrics = {}
     if args.algo in ("sdpg", "opd"):  # each view from its own weights, over the whole vocabulary
         kl = fused_reverse_kl(h, mb.h_teacher.flatten(0, 1), weight, tau,
                               teacher_weight=mb.w_teacher).view(m.shape)  # (B, Tr)
-        kl_used = kl
-        if args.kl_cap > 0:  # min(KL, cap) per token, no gradient where capped (dp_actor.py:632)
-            kl_used = torch.clamp(kl_used, max=args.kl_cap)
+        # min(KL, cap) per token, no gradient where capped (dp_actor.py:632)
+        kl_used = torch.clamp(kl, max=args.kl_cap) if args.kl_cap > 0 else kl
         if args.opd_exclude_eot:  # (core_algos.py:213-229, 299-300)
             kl_used = kl_used * ~mb.is_eot
         gated = args.algo == "sdpg" and args.opd_gate == "positive"  # opd has no advantage
