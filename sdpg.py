@@ -548,13 +548,13 @@ def train(args, task, hook=None, ckpt=None):
     args.dtype = args.dtype or ("bfloat16" if use_cuda else "float32")  # the config logs it
     ctx = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
     if args.prompts_per_step % (world_size * args.num_minibatches) or args.sft_batch % world_size:
-        die(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} "
-            f"ranks x {args.num_minibatches} mini-batches, and --sft_batch over the ranks")
+        die_all(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} "
+                f"ranks x {args.num_minibatches} mini-batches, and --sft_batch over the ranks")
     enc = get_encoding()
     # the block size: the longest held-out teacher prompt c + x and --max_new_tokens after it
     _, teacher, target = encode_batch(enc, task, task.eval_set, np.random.default_rng(0))
     if args.max_new_tokens < max(map(len, target)):
-        die(f"--max_new_tokens must be >= {max(map(len, target))}: the answer and end-of-text")
+        die_all(f"--max_new_tokens must be >= {max(map(len, target))}: the answer and end-of-text")
     model_args = dict(block_size=max(map(len, teacher)) + args.max_new_tokens, n_layer=args.n_layer,
                       vocab_size=enc.n_vocab, n_head=args.n_head, n_embd=args.n_embd)
     if ckpt is not None:  # every check before the log is written
@@ -616,7 +616,7 @@ def train(args, task, hook=None, ckpt=None):
             save_checkpoint(run, k, True, evals)
         bad_streak = bad_streak + 1 if skipped else 0
         if bad_streak >= MAX_BAD_STEPS:  # the last checkpoint is kept
-            die(f"{bad_streak} RL steps in a row had non-finite gradients; try a lower --lr")
+            die_all(f"{bad_streak} steps in a row had non-finite gradients; try a lower --lr", run)
         if stop.any_rank(device):
             if not evaluated:
                 save_checkpoint(run, k, False, evals)
@@ -699,12 +699,17 @@ def open_log(args, rank):  # log(record): a JSON line in log.jsonl from rank 0; 
         die(f"--out_dir {args.out_dir}: {e.strerror}")
     return lambda record: f and (f.write(json.dumps(record) + "\n"), f.flush())
 
-def teardown(run):  # drop the DDP wrapper first: gloo can abort when a group outlives it
+def teardown(run=None):  # every rank calls it: leave the process group together
     if dist.is_initialized():
-        run.train_model = None
-        gc.collect()
-        dist.barrier()  # rank 0 may still be saving
+        if run is not None:  # drop the DDP wrapper first: gloo can abort when a group outlives it
+            run.train_model = None
+            gc.collect()
+        dist.barrier()  # rank 0 may still be saving; a process that exits alone can abort
         dist.destroy_process_group()
+
+def die_all(msg, run=None):  # die(msg) where every rank stops at once (exit 2, not an abort)
+    teardown(run)
+    die(msg)
 
 class StopRequest:
     """Ctrl-C or SIGTERM: finish the step, save, exit; one more 2 s later stops at once (torchrun
@@ -744,7 +749,7 @@ def save_or_stop(run, make, path):  # rank 0 saves make(); if that fails, every 
     if dist.is_initialized():
         dist.broadcast_object_list(err, src=0)
     if err[0]:
-        die(err[0])
+        die_all(err[0], run)
 
 def save_checkpoint(run, step, evaluated, evals):  # every rank calls it
     rngs = [{"numpy": run.rl_rng.bit_generator.state, "torch_gen": run.gen.get_state(),
@@ -804,14 +809,14 @@ SAME_ON_RESUME = ("algo", "recipe", "beta", "alpha", "clip_low", "clip_high", "d
 def check_resume(a, task, ckpt, model_args):  # one line for a resume that would change the run
     path, config = a.resume, ckpt["config"]
     for k in (k for k in SAME_ON_RESUME if k in config and config[k] != getattr(a, k)):
-        die(f"--resume: --{k} {getattr(a, k)} differs from the run it continues ({config[k]}); "
-            f"a resumed run keeps its algorithm (start a new run)")
+        die_all(f"--resume: --{k} {getattr(a, k)} differs from the run it continues ({config[k]}); "
+                f"a resumed run keeps its algorithm (start a new run)")
     if ckpt["step"] > a.rl_steps or ckpt.get("task", repr(task)) != repr(task):
-        die(f"--resume: the checkpoint (step {ckpt['step']} of {ckpt.get('task')}) cannot "
-            f"continue as --rl_steps {a.rl_steps} of {task!r}")
+        die_all(f"--resume: the checkpoint (step {ckpt['step']} of {ckpt.get('task')}) cannot "
+                f"continue as --rl_steps {a.rl_steps} of {task!r}")
     if ckpt["model_args"] != model_args:
-        die(f"--resume {path}: its model {ckpt['model_args']} differs from this run's "
-            f"{model_args}; use the flags it was trained with")
+        die_all(f"--resume {path}: its model {ckpt['model_args']} differs from this run's "
+                f"{model_args}; use the flags it was trained with")
 
 def resume(run, ckpt):
     """Refuse in one line a resume that changes the run; load ckpt into the models and Adam, and
@@ -823,7 +828,7 @@ def resume(run, ckpt):
         run.ref_model.load_state_dict(ckpt["ref_model"])
         run.optimizer.load_state_dict(ckpt["optimizer"])
     except Exception as e:  # shapes, names, Adam's state: one line
-        die(f"--resume {path}: its weights do not fit the model ({type(e).__name__})")
+        die_all(f"--resume {path}: its weights do not fit the model ({type(e).__name__})")
     fresh = (run.rl_rng.bit_generator.state, run.gen.get_state(), torch.get_rng_state())
     try:
         s = ckpt["rng"][run.rank]

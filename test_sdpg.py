@@ -1295,12 +1295,18 @@ def test_a_save_that_fails_stops_every_rank_with_one_line(nproc, tmp_path):
 
 def test_a_failed_save_on_rank_0_stops_the_other_ranks_too(tmp_path, monkeypatch, capsys):
     """save_or_stop on rank 1: rank 0's failure reaches it through the broadcast, and it leaves
-    with the same exit (the line is printed once, by rank 0)."""
+    with the same exit (the line is printed once, by rank 0), after a barrier with the other ranks
+    and leaving the process group (a process that exits alone from a gloo group can abort)."""
+    calls = []
     monkeypatch.setattr(sdpg.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(sdpg.dist, "broadcast_object_list", lambda box, src: box.__setitem__(0, "saving x: full"))
+    monkeypatch.setattr(sdpg.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(sdpg.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    run = make_run(tiny_gpt(), rank=1, world_size=2)
     with pytest.raises(SystemExit) as e:
-        sdpg.save_or_stop(make_run(tiny_gpt(), rank=1, world_size=2), lambda: 1 / 0, str(tmp_path / "x"))
+        sdpg.save_or_stop(run, lambda: 1 / 0, str(tmp_path / "x"))
     assert e.value.code == 2 and not os.path.exists(tmp_path / "x")  # rank 1 never writes
+    assert calls == ["barrier", "destroy"] and run.train_model is None  # the DDP wrapper dropped first
     monkeypatch.setattr(sdpg.dist, "broadcast_object_list", lambda box, src: None)  # rank 0 saved: go on
     sdpg.save_or_stop(make_run(tiny_gpt(), rank=1, world_size=2), lambda: 1 / 0, str(tmp_path / "x"))
 
