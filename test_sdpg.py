@@ -1451,12 +1451,14 @@ def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(algo, reci
     plain = copy.deepcopy(model)
     sdpg.score_rollouts(run, batch, 1)
     run.optimizer = optimizer(model.parameters(), lr=args.lr, weight_decay=sdpg.WEIGHT_DECAY)
-    sdpg.update(run, batch, 0.4 if algo in ("sdpg", "opd") else 0.0, 1, None)
+    beta = args.beta if algo in ("sdpg", "opd") else 0.0
+    sdpg.update(run, batch, beta, 1, None)
 
-    tau, a, m_all = 0.8, args, batch.mask
-    def logprobs(net, prompts):  # (B, Tr, V) log softmax(z / tau) and the sampled tokens' (B, Tr)
-        all_ = torch.log_softmax(response_logits(net, prompts, batch.resp) / tau, -1)
-        return all_, all_.gather(-1, batch.resp[..., None])[..., 0]
+    a, m_all = args, batch.mask
+    def logprobs(net, prompts, rows=slice(None)):  # log softmax(z / tau) (B, Tr, V), sampled (B, Tr)
+        resp = batch.resp[rows]
+        all_ = torch.log_softmax(response_logits(net, prompts[rows], resp) / a.temperature, -1)
+        return all_, all_.gather(-1, resp[..., None])[..., 0]
     with torch.no_grad():
         old, ref = logprobs(plain, batch.x)[1], logprobs(run.ref_model, batch.x)[1]
         scores = batch.rewards.double()
@@ -1474,17 +1476,16 @@ def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(algo, reci
     opt, norms = optimizer(plain.parameters(), lr=args.lr, weight_decay=sdpg.WEIGHT_DECAY), []
     for rows in (slice(0, 4), slice(4, 8)):
         m, A = m_all[rows], adv[rows]
-        logp_all, logp = logprobs(plain, batch.x)
-        logp_all, logp = logp_all[rows], logp[rows]
+        logp_all, logp = logprobs(plain, batch.x, rows)
         ratio = torch.exp(logp - old[rows])
         l_out = torch.maximum(-A * ratio, -A * ratio.clamp(1 - a.clip_low, 1 + a.clip_high))
         l_out = torch.where((A < 0) & (l_out > -a.dual_clip * A), -a.dual_clip * A, l_out)
         loss = (0 if algo == "opd" else l_out) + a.alpha * 0.5 * (logp - ref[rows]) ** 2  # alpha 0: grpo, rlsd
         if algo in ("sdpg", "opd"):  # the gate only under sdpg's paper recipe
             with torch.no_grad():
-                logq_all = logprobs(plain, batch.cx)[0][rows]
+                logq_all = logprobs(plain, batch.cx, rows)[0]
             kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1).clamp(max=a.kl_cap)
-            loss = loss + 0.4 * ((A > 0).double() if (algo, recipe) == ("sdpg", "paper") else 1.0) * kl
+            loss = loss + beta * ((A > 0).double() if (algo, recipe) == ("sdpg", "paper") else 1.0) * kl
         opt.zero_grad()
         ((loss * m).sum() / m.sum()).backward()
         norms.append(torch.nn.utils.clip_grad_norm_(plain.parameters(), clip or math.inf).item())
