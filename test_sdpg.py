@@ -1010,6 +1010,34 @@ def test_evaluation_counts_each_rank_s_own_shard(monkeypatch):
     assert total.tolist() == [right, right, 41]
 
 
+def test_mean_at_n_and_its_interval_against_numpy_and_the_training_streams_stay(monkeypatch):
+    """mean@n with a verifier whose verdict on sample j of problem (a, b) is known in advance:
+    the mean over problems of each problem's share of right samples, and 1.96 times the sample
+    std over sqrt(problems), as numpy computes them, in one process and as rank 0 of two whose
+    all-reduce adds rank 1's sums. The run's own streams (data, sampling, torch) do not move."""
+    task, n = data.AdditionTask(2, eval_size=41), 4
+    right = lambda p, j: (p[0] * (j + 1) + p[1]) % 3 == 0  # noqa: E731
+    monkeypatch.setattr(sdpg, "verify", lambda enc, task, resp, problems, G: [
+        float(right(problems[i // G], i % G)) for i in range(len(resp))])
+    acc = np.array([np.mean([right(p, j) for j in range(n)]) for p in task.eval_set])
+    assert len(set(acc)) >= 3  # problems with different shares: the interval has a width
+    expected = (acc.mean(), 1.96 * acc.std(ddof=1) / math.sqrt(len(acc)))
+    run = make_run(tiny_gpt(), task=task)
+    run.rl_rng, run.gen = np.random.default_rng(5), torch.Generator().manual_seed(5)
+    before = (run.rl_rng.bit_generator.state, run.gen.get_state(), torch.get_rng_state())
+    assert sdpg.mean_at_n(run, task.eval_set, n) == pytest.approx(expected, rel=1e-12)
+    assert run.rl_rng.bit_generator.state == before[0]
+    assert torch.equal(run.gen.get_state(), before[1]) and torch.equal(torch.get_rng_state(), before[2])
+    rank1 = []  # the first call keeps rank 1's sums; rank 0's all-reduce then adds them
+
+    def all_sum(t):
+        return rank1.append(t.clone()) or t if not rank1 else t + rank1[0]
+    monkeypatch.setattr(sdpg, "all_sum", all_sum)
+    sdpg.mean_at_n(make_run(run.model, task=task, rank=1, world_size=2), task.eval_set, n)
+    assert sdpg.mean_at_n(make_run(run.model, task=task, rank=0, world_size=2), task.eval_set, n) \
+        == pytest.approx(expected, rel=1e-12)
+
+
 @pytest.mark.parametrize("flags, needle", [
     (["--group_size", "1"], "group_size"),
     (["--rl_steps", "-3"], "rl_steps"),
