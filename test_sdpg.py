@@ -1031,7 +1031,10 @@ def test_mean_at_n_and_its_interval_against_numpy_and_the_training_streams_stay(
     rank1 = []  # the first call keeps rank 1's sums; rank 0's all-reduce then adds them
 
     def all_sum(t):
-        return rank1.append(t.clone()) or t if not rank1 else t + rank1[0]
+        if not rank1:
+            rank1.append(t.clone())
+            return t
+        return t + rank1[0]
     monkeypatch.setattr(sdpg, "all_sum", all_sum)
     sdpg.mean_at_n(make_run(run.model, task=task, rank=1, world_size=2), task.eval_set, n)
     assert sdpg.mean_at_n(make_run(run.model, task=task, rank=0, world_size=2), task.eval_set, n) \
