@@ -1069,8 +1069,8 @@ def test_bad_flags_exit_nonzero_with_one_line(flags, needle, tmp_path, monkeypat
                                            (["--task", "chain", "--context", "hint"], "context"),
                                            (["--task", "chain", "--context_noise", "0.1"], "context_noise"),
                                            (["--task", "chain", "--eval_size", "0"], "eval_size")])
-def test_bad_extras_flags_exit_nonzero_with_one_line(flags, needle, tmp_path):
-    p = run_script(["--out_dir", str(tmp_path)] + flags, timeout=60, script="tools/extras.py")
+def test_bad_extras_flags_exit_nonzero_with_one_line(flags, needle, tmp_path, monkeypatch, capsys):
+    p = run_main(monkeypatch, capsys, TINY + ["--out_dir", str(tmp_path)] + flags, entry=extras.main)
     assert one_line_error(p, needle), p.stderr
 
 
