@@ -79,6 +79,11 @@ def rlsd_advantages(adv, teacher_logp, old_logp, lam, clip=0.2):
     a, delta = adv[:, None], (teacher_logp - old_logp).detach().clamp(-20, 20)
     return (1 - lam) * a + lam * a * torch.exp(torch.sign(a) * delta).clamp(1 - clip, 1 + clip)
 
+RLSD_LAMBDA, RLSD_DECAY, RLSD_CLIP = 0.5, 50, 0.2  # lambda 0.5 -> 0 over 50 steps (core_algos.py)
+
+def rlsd_lambda(k):
+    return RLSD_LAMBDA * max(0.0, 1 - k / RLSD_DECAY)  # core_algos.py:468-474
+
 def kl_in_reward_scores(rewards, old_logp, ref_logp, mask, coef):
     """Official GRPO's s_i = R_i - coef * sum_t (log pi_old(y_t) - log pi_ref(y_t)), k1 summed
     over the response (ray_trainer.py:91-97, core_algos.py:629). (B,), (B, Tr) x3 -> (B,)."""
@@ -113,8 +118,8 @@ def ref_penalty(logp, ref_logp, kl_mode):
             "rkl": lambda: 0.5 * (log_w + 1) ** 2, "fkl": lambda: torch.exp(-log_w)}[kl_mode]()
 
 def beta_schedule(k, total_steps, beta, warmup, decay):
-    """beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay), k = 1 .. T counted from 1
-    (core_algos.py:191-210). warmup or decay 0 switches that factor off."""
+    """beta(k) = beta * min(1, k / T_warm) * min(1, max(0, T - k) / T_decay), k = 1 .. T counted
+    from 1 (core_algos.py:191-210). warmup or decay 0 switches that factor off."""
     up = min(1.0, k / warmup) if warmup > 0 else 1.0
     down = min(1.0, max(0.0, (total_steps - k) / decay)) if decay > 0 else 1.0
     return beta * up * down
@@ -146,9 +151,9 @@ class Rollouts:
 def minibatch_loss(model, weight, mb, args, beta, world_size):
     """One mini-batch's loss on this rank, scaled so that DDP's average over ranks is the
     token-mean over the global mini-batch. model: the student (maybe under DDP); weight: its
-    output matrix (V, H); args.algo picks the terms: sdpg out + ref + opd, grpo and rlsd out + ref
-    (alpha 0 officially), opd ref + opd ungated. Returns the loss, metric sums over this rank's
-    response tokens by name, and its weighted terms {out, ref, opd}, which sum to it."""
+    output matrix (V, H), the tied embedding (DDP averages its gradient). args.algo picks the
+    terms: sdpg out + ref + opd, grpo and rlsd out + ref (alpha 0 officially), opd ref + opd
+    ungated. Returns the loss, metric sums and weighted terms {out, ref, opd} (sum: the loss)."""
     tau, m = args.temperature, mb.mask  # tau: the temperature
     h = response_hidden(model, mb.x, mb.resp, mb.x_pad).flatten(0, 1)  # (B*Tr, H), via DDP
     logp = chunked_token_logprobs(h, weight, mb.resp.flatten(), tau).view(m.shape)  # (B, Tr)
@@ -156,12 +161,13 @@ def minibatch_loss(model, weight, mb, args, beta, world_size):
     # overflow, and inf * mask 0 is NaN in the gradient
     old_logp, ref_logp = (torch.where(m == 0, logp.detach(), t) for t in (mb.old_logp, mb.ref_logp))
     adv = mb.adv if mb.adv.dim() == 2 else mb.adv[:, None]  # (B, Tr) or (B, 1)
-    l_out, clipped = clipped_surrogate(logp, old_logp, adv, args.clip_low, args.clip_high,
-                                       args.dual_clip)
+    l_out, clip_active = clipped_surrogate(logp, old_logp, adv, args.clip_low, args.clip_high,
+                                           args.dual_clip)
     l_ref = ref_penalty(logp, ref_logp, args.kl_mode)
-    # by name: weighted (B, Tr) each term with its weight, terms their token-means; metrics (B, Tr)
-    weighted = {"out": l_out} if args.algo != "opd" else {}  # opd: no verifier term
-    weighted["ref"] = args.alpha * l_ref
+    # by name: per_token, each term times its weight (B, Tr); terms, their token-means (scalars);
+    # metrics, unweighted (B, Tr), summed over this rank's response tokens
+    per_token = {"out": l_out} if args.algo != "opd" else {}  # opd: no verifier term
+    per_token["ref"] = args.alpha * l_ref
     metrics = {}
     if args.algo in ("sdpg", "opd"):  # each view from its own weights, over the whole vocabulary
         kl = fused_reverse_kl(h, mb.h_teacher.flatten(0, 1), weight, tau,
@@ -172,17 +178,17 @@ def minibatch_loss(model, weight, mb, args, beta, world_size):
             kl_used = kl_used * ~mb.is_eot
         gated = args.algo == "sdpg" and args.opd_gate == "positive"  # opd has no advantage
         gate = (adv > 0).float().expand_as(kl) if gated else torch.ones_like(kl)
-        weighted["opd"] = beta * gate * kl_used
+        per_token["opd"] = beta * gate * kl_used
         metrics = {"loss_opd": gate * kl_used, "kl_teacher": kl}
     # token-mean over the global mini-batch: the sum over this rank's response tokens over those
     # of all ranks, times world_size because DDP averages the gradients over ranks
-    terms = {k: (v * m).sum() * world_size / mb.n_tokens for k, v in weighted.items()}
+    terms = {k: (v * m).sum() * world_size / mb.n_tokens for k, v in per_token.items()}
     with torch.no_grad():
         log_w = logp - ref_logp
-        metrics.update(loss=sum(weighted.values()), loss_out=l_out, loss_ref=l_ref,
+        metrics.update(loss=sum(per_token.values()), loss_out=l_out, loss_ref=l_ref,
                        kl_ref=torch.exp(-log_w) - 1 + log_w,  # k3 >= 0
                        entropy=chunked_entropy(h, weight, tau).view(m.shape),
-                       clip_frac=clipped.float())
+                       clip_frac=clip_active.float())
         sums = {k: (v.detach() * m).sum() for k, v in metrics.items()}
     return sum(terms.values()), sums, terms
 
@@ -190,7 +196,7 @@ def minibatch_loss(model, weight, mb, args, beta, world_size):
 # -----------------------------------------------------------------------------
 # config: every flag in one block; --help shows the value each recipe sets
 
-# whole configurations from the official code; the schedule as fractions of --rl_steps
+# what each recipe sets (--beta and --kl_mode are flags of their own); schedule: x --rl_steps
 RECIPES = {
     # the paper's section 4.1 (gate, T_warm 50 and T_decay 350 of 400, clip 0.2/0.2); the dual
     # clip and the KL cap, on which it is silent, as the released code
@@ -201,11 +207,10 @@ RECIPES = {
     "release": dict(opd_gate="all", beta_warmup=0.0, beta_decay=0.0, clip_low=0.2, clip_high=0.28,
                     dual_clip=10.0, kl_cap=20.0, alpha=1e-3, kl_in_reward=0.0)}
 BASELINES = {  # the official baseline scripts' settings, whatever the recipe
-    # run_qwen3_4b_grpo_original_boxed.sh:35-43: clip 0.2/0.2, c = 1000, no L_ref, k1 in reward
+    # run_qwen3_4b_grpo_original_boxed.sh:35-43: clip 0.2/0.2, dual 1000, no L_ref, k1 in reward
     "grpo": dict(clip_low=0.2, clip_high=0.2, dual_clip=1000.0, alpha=0.0, kl_in_reward=1e-3),
-    # run_qwen3_4b_rlsd_boxed.sh keeps verl's defaults (actor.yaml:36-42, 112): 0.2/0.2, c = 3
+    # run_qwen3_4b_rlsd_boxed.sh keeps verl's defaults (actor.yaml:36-42, 112): 0.2/0.2, dual 3
     "rlsd": dict(clip_low=0.2, clip_high=0.2, dual_clip=3.0, alpha=0.0, kl_in_reward=0.0)}
-RLSD_LAMBDA, RLSD_DECAY, RLSD_CLIP = 0.5, 50, 0.2  # lambda 0.5 -> 0 over 50 steps (core_algos.py)
 SFT_LR, SFT_HINT_FRAC, WEIGHT_DECAY = 1e-3, 0.5, 0.1  # warm start: half the problems show c
 VAL_SIZE = 1000  # the warm start's validation problems: resolves its bar to about +-0.01
 MAX_BAD_STEPS = 3  # stop after this many RL steps in a row with a non-finite update
@@ -346,7 +351,7 @@ def warm_start(run, train_model, stop):
     args, model = run.args, run.model
     opt = torch.optim.AdamW(model.parameters(), lr=SFT_LR, weight_decay=WEIGHT_DECAY)
     rng, t_start, next_check = np.random.default_rng([args.seed, run.rank, 0]), time.time(), 10
-    val_set = run.task.sample(np.random.default_rng([args.seed, 2]), VAL_SIZE)  # never held out
+    val_set = run.task.sample(np.random.default_rng([args.seed, 2]), VAL_SIZE)  # not the eval set
     for step in range(1, args.sft_steps + 1):
         x, y = (torch.tensor(v, device=run.device) for v in sft_batch(
             run.enc, run.task, rng, args.sft_batch // run.world_size, SFT_HINT_FRAC))
@@ -450,9 +455,9 @@ def sample_rollouts(run, n_prompts):
     the verifier's rewards."""
     a, G = run.args, run.args.group_size
     problems = run.task.sample(run.rl_rng, n_prompts)
-    student, teacher, _ = encode_batch(run.enc, run.task, problems, run.rl_rng)  # draws contexts
-    (x, x_pad), (cx, cx_pad) = (left_pad(v, run.enc.eot_token, run.device) for v in (student,
-                                                                                     teacher))
+    x_rows, cx_rows, _ = encode_batch(run.enc, run.task, problems, run.rl_rng)  # draws contexts
+    (x, x_pad), (cx, cx_pad) = (left_pad(v, run.enc.eot_token, run.device) for v in (x_rows,
+                                                                                     cx_rows))
     with run.ctx:
         resp, mask = run.model.generate(x, a.max_new_tokens, run.enc.eot_token, G, a.temperature,
                                         run.gen, n_pad=x_pad)
@@ -460,9 +465,6 @@ def sample_rollouts(run, n_prompts):
     x, cx, x_pad, cx_pad = (None if t is None else t.repeat_interleave(G, 0)  # per rollout
                             for t in (x, cx, x_pad, cx_pad))
     return Rollouts(problems, x, cx, resp, mask, resp == run.enc.eot_token, rewards, x_pad, cx_pad)
-
-def rlsd_lambda(k):
-    return RLSD_LAMBDA * max(0.0, 1 - k / RLSD_DECAY)  # core_algos.py:468-474
 
 def score_rollouts(run, batch, k):
     """Phase 2, filling batch.old_logp, ref_logp, adv: log-probs of the sampled tokens under pi_old
@@ -496,7 +498,9 @@ def update(run, batch, beta, k, hook):
     sums, skipped, extra = {}, 0, {}
     for j in range(a.num_minibatches):
         mb = dataclasses.replace(batch.rows(j * n, (j + 1) * n, G), n_tokens=n_tokens[j])
-        if a.algo in ("sdpg", "opd"):  # the teacher view reads c + x + y, c + x once per prompt
+        # the teacher view reads c + x + y, c + x once per prompt; q_t = softmax(h_teacher
+        # w_teacher^T / tau) is formed in chunks inside fused_reverse_kl, never as (B, Tr, V)
+        if a.algo in ("sdpg", "opd"):
             with torch.no_grad(), run.ctx:
                 mb.h_teacher = run.teacher.score(mb.cx[::G], mb.resp, G,
                                                  per_prompt(mb.cx_pad, G))  # (B, Tr, H)
@@ -544,18 +548,13 @@ def train(args, task, hook=None, ckpt=None):
     of tools/: hook(run, k, beta, mb), if given, sees each step's first mini-batch (Rollouts)
     before its update, changing nothing, and the dict it returns is logged with the step."""
     rank, local_rank, world_size, device, use_cuda = setup_distributed(args)
-    ddp = dist.is_initialized()  # under torchrun, even with one process
     args.dtype = args.dtype or ("bfloat16" if use_cuda else "float32")  # the config logs it
     ctx = torch.autocast(device.type, torch.bfloat16) if args.dtype == "bfloat16" else nullcontext()
-    if args.prompts_per_step % (world_size * args.num_minibatches) or args.sft_batch % world_size:
-        die_all(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} "
-                f"ranks x {args.num_minibatches} mini-batches, and --sft_batch over the ranks")
     enc = get_encoding()
     # the block size: the longest held-out teacher prompt c + x and --max_new_tokens after it
-    _, teacher, target = encode_batch(enc, task, task.eval_set, np.random.default_rng(0))
-    if args.max_new_tokens < max(map(len, target)):
-        die_all(f"--max_new_tokens must be >= {max(map(len, target))}: the answer and end-of-text")
-    model_args = dict(block_size=max(map(len, teacher)) + args.max_new_tokens, n_layer=args.n_layer,
+    _, cx_rows, target = encode_batch(enc, task, task.eval_set, np.random.default_rng(0))
+    check_sizes(args, world_size, max(map(len, target)))  # the batches split, the answer fits
+    model_args = dict(block_size=max(map(len, cx_rows)) + args.max_new_tokens, n_layer=args.n_layer,
                       vocab_size=enc.n_vocab, n_head=args.n_head, n_embd=args.n_embd)
     if ckpt is not None:  # every check before the log is written
         check_resume(args, task, ckpt, model_args)
@@ -570,7 +569,7 @@ def train(args, task, hook=None, ckpt=None):
            f"vocab {run.enc.n_vocab} | device {device} | world {world_size}")
 
     def wrap(m):  # the gradient passes go through DDP, which averages gradients over ranks
-        return DDP(m, device_ids=[local_rank] if use_cuda else None) if ddp else m
+        return DDP(m, device_ids=[local_rank] if use_cuda else None) if dist.is_initialized() else m
 
     # stage 1, cached in sft.pt under the key of all its inputs
     sft_path, key = os.path.join(args.out_dir, "sft.pt"), sft_key(run, model_args)
@@ -602,6 +601,7 @@ def train(args, task, hook=None, ckpt=None):
     t_run, bad_streak = time.time(), 0
     for k in range(start + 1, args.rl_steps + 1):  # the official step numbering starts at 1
         t0 = time.perf_counter()
+        # T of the schedule: --rl_steps, or the T a resumed run started with (resolve)
         beta = beta_schedule(k, args.beta_horizon, args.beta, args.beta_warmup, args.beta_decay) \
             if args.algo in ("sdpg", "opd") else 0.0
         batch = sample_rollouts(run, args.prompts_per_step // world_size)
@@ -858,6 +858,13 @@ def resume(run, ckpt):
     ok = isinstance(evals, list) and len(evals) == 2 and all(
         isinstance(e, dict) and {"step", "eval_acc", "teacher_acc"} <= set(e) for e in evals)
     return ckpt["step"], ckpt.get("evaluated") is True and ok, evals if ok else [None, None]
+
+def check_sizes(args, world_size, longest_answer):  # one line and exit 2 if not (every rank)
+    if args.prompts_per_step % (world_size * args.num_minibatches) or args.sft_batch % world_size:
+        die_all(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} "
+                f"ranks x {args.num_minibatches} mini-batches, and --sft_batch over the ranks")
+    if args.max_new_tokens < longest_answer:
+        die_all(f"--max_new_tokens must be >= {longest_answer}: the answer and end-of-text")
 
 def validate(a):  # the flag checks that no flag's type makes; one line and exit 2 at the first
     for ok, msg in [
