@@ -127,7 +127,7 @@ def beta_schedule(k, total_steps, beta, warmup, decay):
 @dataclasses.dataclass
 class Rollouts:
     """Rollouts on this rank, G consecutive rows per problem: one RL step's, or a mini-batch's.
-    Every row is one rollout, its prompts repeated; the no-grad passes read every G-th row."""
+    A row per rollout, prompts repeated (rows() slices alike); no-grad passes read every G-th."""
     problems: list                     # the task's problems, one per group
     x: torch.Tensor                    # (B, Tp) student prompt of each rollout
     cx: torch.Tensor                   # (B, Tc+Tp) teacher prompt c + x of each rollout
@@ -155,7 +155,8 @@ def minibatch_loss(model, weight, mb, args, beta, world_size):
     terms: sdpg out + ref + opd, grpo and rlsd out + ref (alpha 0 officially), opd ref + opd
     ungated. Returns the loss, metric sums and weighted terms {out, ref, opd} (sum: the loss)."""
     tau, m = args.temperature, mb.mask  # tau: the temperature
-    h = response_hidden(model, mb.x, mb.resp, mb.x_pad).flatten(0, 1)  # (B*Tr, H), via DDP
+    # (B*Tr, H) via DDP; row (b, t) predicts resp[b, t], as GPT.score's do in the no-grad passes
+    h = response_hidden(model, mb.x, mb.resp, mb.x_pad).flatten(0, 1)
     logp = chunked_token_logprobs(h, weight, mb.resp.flatten(), tau).view(m.shape)  # (B, Tr)
     # past a row's end the log-ratios are 0: exp() of an untrained padding position could
     # overflow, and inf * mask 0 is NaN in the gradient
@@ -522,9 +523,8 @@ def update(run, batch, beta, k, hook):
     return sums, skipped, extra
 
 def step_record(run, k, batch, sums, beta, dt, skipped, extra):
-    """Phase 4: log the step: token terms per response token of all ranks, the reward per
-    rollout, signal_frac the share of groups whose rewards differ (without a KL penalty in the
-    reward, the only groups with A != 0)."""
+    """Phase 4: log the step over all ranks: token terms per response token, the reward per
+    rollout, signal_frac the groups whose rewards differ (A = 0 elsewhere, unless kl_in_reward)."""
     G, r = run.args.group_size, batch.rewards.view(-1, run.args.group_size)
     t = {**sums, "signal": (r.amax(1) != r.amin(1)).sum(), "reward": batch.rewards.sum(),
          "tokens": batch.mask.sum(), "rollouts": torch.tensor(float(len(batch.rewards)))}
