@@ -197,7 +197,7 @@ def minibatch_loss(model, weight, mb, args, beta, world_size):
 # -----------------------------------------------------------------------------
 # config: every flag in one block; --help shows the value each recipe sets
 
-# what each recipe sets (--beta and --kl_mode are flags of their own); schedule: x --rl_steps
+# what each recipe sets (--beta, --kl_mode are flags of their own); the schedule in units of T
 RECIPES = {
     # the paper's section 4.1 (gate, T_warm 50 and T_decay 350 of 400, clip 0.2/0.2); the dual
     # clip and the KL cap, on which it is silent, as the released code
