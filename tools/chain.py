@@ -15,7 +15,7 @@ Writing d_k before s_k keeps each sum local (two tokens back and one), so the de
 learns the chain in a warm start of minutes; written as sums alone, it had not after 1,250 steps.
 Chains of up to 6 digits were too slow to learn: one warm-start seed of three ended 2,000 steps at
 chance, another had not reached the bar at 1,200. Up to 5, the answer context's warm start reached
-the bar in all 4 tried, in 670 to 710 steps; the derivation context's in 7 of 9, in 551 to 1,058
+the bar in all 6 tried, in 670 to 789 steps; the derivation context's in 10 of 12, in 551 to 1,365
 (plausibly because its teacher rows can copy the derivation: half of each batch practises less).
 
 The verifier reads only what follows the last ">": 1.0 if it is the answer digit. Responses are
