@@ -20,12 +20,13 @@ same response tokens y, the teacher's positions shifted right by len(c) = d + 3.
 
 Every character is encoded as one token (encode_chars), so under any encoding every
 prompt of this task has the same length. A task whose prompts differ in length is padded on
-the left in RL and evaluation (sdpg.left_pad: the model masks the padding and counts positions
+the left in RL and evaluation (left_pad: the model masks the padding and counts positions
 from a row's first token) and on the right in the warm start. Sampled responses may still
 contain any token of the vocabulary; they are judged as decoded text.
 """
 import numpy as np
 import tiktoken
+import torch
 
 NUM_DIGITS = 2              # default operand digits (--digits); answers have one digit more
 EOT = "<|endoftext|>"       # ends every response
@@ -46,23 +47,9 @@ def byte_encoding():
     )
 
 
-def get_encoding(name=None):
-    """name=None: byte_encoding(). Otherwise tiktoken's named encoding (gpt2, cl100k_base, ...),
-    extended with the task's special tokens; raises ValueError with one readable line when the
-    encoding's files cannot be loaded (tiktoken downloads them on first use)."""
-    if name is None or name == "bytes":
-        return byte_encoding()
-    try:
-        base = tiktoken.get_encoding(name)
-    except Exception as e:  # unknown name, or no network to fetch the BPE file
-        raise ValueError(f"tokenizer {name!r} is not available here ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}); "
-                         f"the default byte-level tokenizer needs no files") from None
-    special = dict(base._special_tokens)
-    special.setdefault(EOT, base.n_vocab)
-    special[HINT] = max(base.n_vocab, max(special.values()) + 1)
-    return tiktoken.Encoding(name=f"{name}_sdpg", pat_str=base._pat_str,
-                             mergeable_ranks=base._mergeable_ranks, special_tokens=special)
+def get_encoding():
+    """The task's tokenizer: byte_encoding(), one token per character, nothing to download."""
+    return byte_encoding()
 
 
 def encode_chars(enc, text):
@@ -163,6 +150,15 @@ def sft_batch(enc, task, rng, n, hint_frac):
         inputs.append(seq + [enc.eot_token] * (L - len(seq)))
         labels.append(lab + [-1] * (L - len(lab)))
     return inputs, labels
+
+
+def left_pad(rows, pad_id, device):
+    """Token lists of any lengths -> (B, L) padded on the left with pad_id, and each row's padding
+    (B,), or None when every row has one length (then the model takes its unmasked path)."""
+    L = max(map(len, rows))
+    n_pad = [L - len(r) for r in rows]
+    x = torch.tensor([[pad_id] * p + r for p, r in zip(n_pad, rows)], device=device)
+    return x, torch.tensor(n_pad, device=device) if any(n_pad) else None
 
 
 def encode_batch(enc, task, problems, rng):

@@ -3,8 +3,9 @@ A compact GPT: pre-LayerNorm blocks, causal self-attention through
 F.scaled_dot_product_attention, learned positions, output head tied to the token
 embedding. Batched sampling with a KV cache for rollouts and evaluation, shared-prefix
 scoring for the no-grad passes, and the output head applied in chunks for the training loss
-(log-probs, entropy and the exact reverse KL with its closed-form backward), so that no
-(tokens, vocab) tensor of a whole batch is ever formed.
+(log-probs, entropy and the exact reverse KL with its closed-form backward) in chunks of about
+24 MB of logits, so that at an LLM's vocabulary no (tokens, vocab) tensor of a whole batch is
+formed (at this task's 258 tokens one chunk holds every row: chunk_rows).
 """
 import math
 from dataclasses import dataclass
@@ -34,18 +35,21 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None, n_pad=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))  # (B, nh, T, hs)
         if n_pad is not None:  # left-padded rows: no query attends to a row's first n_pad keys
             pos = cache.pos if cache is not None else 0  # keys already cached before these T
             if cache is not None:
                 k, v = cache.update(k, v)
-            key, query = torch.arange(pos + T, device=q.device), torch.arange(pos, pos + T, device=q.device)
-            allowed = (key[None] <= query[:, None]) & (key[None, None] >= n_pad[:, None, None])  # (B, T, pos+T)
-            allowed |= key[None] == query[:, None]  # a padding query sees itself: no empty row, no NaN
+            key = torch.arange(pos + T, device=q.device)
+            query = torch.arange(pos, pos + T, device=q.device)
+            allowed = (key[None] <= query[:, None]) & (key[None, None] >= n_pad[:, None, None])
+            allowed |= key[None] == query[:, None]  # (B, T, pos+T); a padding query sees itself
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
         elif cache is None:  # a whole sequence (the training forward): causal
-            # decided by `cache is None`, a Python constant, never by T: under torch.compile T may be
-            # symbolic, and `is_causal=T > 1` (a SymBool) broke the graph here and recompiled per length
+            # decided by `cache is None`, a Python constant, never by T: under torch.compile T may
+            # be symbolic, and `is_causal=T > 1` (a SymBool) broke the graph and recompiled per
+            # length
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:  # sampling and scoring with a KV cache (eager only: T and cache.pos are Python ints)
             pos = cache.pos  # keys already cached before these T positions
@@ -53,7 +57,8 @@ class CausalSelfAttention(nn.Module):
             if pos == 0 or T == 1:  # a prefill is causal; one new query sees every key
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
             else:  # a chunk after cached keys: query i sees the pos cached keys and chunk keys 0..i
-                allowed = torch.ones(T, pos + T, dtype=torch.bool, device=q.device).tril(diagonal=pos)
+                allowed = torch.ones(T, pos + T, dtype=torch.bool, device=q.device)
+                allowed = allowed.tril(diagonal=pos)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
@@ -121,7 +126,8 @@ class GPT(nn.Module):
         states equal those of its unpadded sequence."""
         pos0 = caches[0].pos if caches is not None else 0
         T = idx.size(1)
-        assert pos0 + T <= self.config.block_size, f"sequence of {pos0 + T} > block_size {self.config.block_size}"
+        assert pos0 + T <= self.config.block_size, \
+            f"sequence of {pos0 + T} > block_size {self.config.block_size}"
         pos = torch.arange(pos0, pos0 + T, device=idx.device)
         if n_pad is not None:
             pos = (pos[None] - n_pad[:, None]).clamp(min=0)  # (B, T)
@@ -142,21 +148,22 @@ class GPT(nn.Module):
         among num_samples consecutive rows. Returns the last hidden state (B*G, 1, C), the caches
         and the rows' left padding (B*G,) (None if none)."""
         caches = [LayerCache(max_len) for _ in self.blocks]
-        h = self.hidden(prompts, caches, n_pad)[:, -1:]  # (B, 1, C): only the last position is needed
+        h = self.hidden(prompts, caches, n_pad)[:, -1:]  # (B, 1, C): only the last is needed
         for c in caches:
             c.k, c.v = c.k.repeat_interleave(num_samples, 0), c.v.repeat_interleave(num_samples, 0)
         n_pad = None if n_pad is None else n_pad.repeat_interleave(num_samples, 0)
         return h.repeat_interleave(num_samples, 0), caches, n_pad
 
     @torch.no_grad()
-    def score(self, prompts, resp, num_samples=1, n_pad=None):
+    def shared_prefix_hidden(self, prompts, resp, num_samples=1, n_pad=None):
         """Final hidden states (B*G, Tr, C) at the positions that predict each token of resp
         (B*G, Tr), where prompt b (of prompts (B, Tp)) precedes rows b*G .. b*G+G-1 of resp. Each
         prompt runs once and its keys and values are shared by its G responses, so a privileged
         prefix c + x costs one pass per prompt, not one per sample. Equals hidden() on the
         concatenated sequences; no gradient (teacher, pi_old and pi_ref passes). n_pad (B,): the
         prompts' left padding (hidden())."""
-        h, caches, n_pad = self._prefill(prompts, prompts.size(1) + resp.size(1), num_samples, n_pad)
+        max_len = prompts.size(1) + resp.size(1)
+        h, caches, n_pad = self._prefill(prompts, max_len, num_samples, n_pad)
         if resp.size(1) > 1:
             h = torch.cat([h, self.hidden(resp[:, :-1], caches, n_pad)], 1)
         return h
@@ -164,18 +171,10 @@ class GPT(nn.Module):
     @torch.no_grad()
     def token_logprobs(self, prompts, resp, num_samples=1, temperature=1.0, n_pad=None):
         """log pi(resp_t | prompt, resp_<t) of every response token (B*G, Tr), prompts (B, Tp)
-        each shared by G consecutive rows of resp (score, then the head in chunks)."""
-        h = self.score(prompts, resp, num_samples, n_pad)  # (B*G, Tr, C)
+        each shared by G consecutive rows of resp (shared_prefix_hidden, the head in chunks)."""
+        h = self.shared_prefix_hidden(prompts, resp, num_samples, n_pad)  # (B*G, Tr, C)
         return chunked_token_logprobs(h.flatten(0, 1), self.lm_head_weight, resp.flatten(),
                                       temperature).view(resp.shape)
-
-    def _head_fp32(self, h):
-        """Logits h @ W.T (n, V) in fp32 at least, autocast off: the same logits the loss and pi_old
-        score through _log_softmax, so rollouts are sampled from the distribution that is scored.
-        Returned as fp32 (a float64 model's logits are rounded to fp32 after the matmul)."""
-        dtype = torch.promote_types(h.dtype, torch.float32)
-        with torch.autocast(h.device.type, enabled=False):  # autocast would lower the matmul to bf16
-            return (h.to(dtype) @ self.lm_head_weight.to(dtype).T).float()
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eot, num_samples=1, temperature=1.0, generator=None,
@@ -192,11 +191,13 @@ class GPT(nn.Module):
         generated tokens up to and including each row's first eot.
         """
         B, Tp = prompts.shape
-        h, caches, n_pad = self._prefill(prompts, Tp + max_new_tokens, num_samples, n_pad)  # (B*G, 1, C)
+        h, caches, n_pad = self._prefill(prompts, Tp + max_new_tokens, num_samples, n_pad)
         done = torch.zeros(B * num_samples, dtype=torch.bool, device=prompts.device)
         tokens, mask = [], []
         for t in range(max_new_tokens):
-            logits = self._head_fp32(h[:, -1])  # (B*G, V)
+            # (B*G, V): the head the loss and pi_old use (head_logits), so rollouts are sampled
+            # from the distribution that is scored; fp32 (a float64 model's, rounded after)
+            logits = head_logits(h[:, -1], self.lm_head_weight).float()
             if temperature == 0:
                 nxt = logits.argmax(-1)
             else:
@@ -225,53 +226,59 @@ def response_hidden(model, prompt, resp, n_pad=None):
     return model(seq, return_hidden=True, n_pad=n_pad)[:, prompt.size(1) - 1:]
 
 
-def response_logits(model, prompt, resp, n_pad=None):
-    """The logits (B, Tr, V) at those positions: the readable, memory-hungry form, for tests and
-    tools; training applies the head in chunks instead."""
-    return response_hidden(model, prompt, resp, n_pad) @ model.lm_head_weight.T
-
-
 # -----------------------------------------------------------------------------
 # The lm_head in chunks: the training loss needs, per response token, the log-prob of the sampled
 # token, the entropy and the exact KL over the whole vocabulary, but never the (N, V) logits of all
 # N tokens at once (with V = 50k and N = 4k, one such fp32 tensor is 0.8 GB).
 
 def chunk_rows(chunk_size, vocab_size):
-    """Rows per lm_head chunk: chunk_size, or for 0 about 24 MB of fp32 logits per chunk (119 rows at
-    V = 50304; every row at once at V = 258). Larger chunks were slower on CPU (see tools/bench.py)."""
+    """Rows per lm_head chunk: chunk_size, or for 0 about 24 MB of fp32 logits per chunk: 119 rows
+    at V = 50304, 23,255 at V = 258 (this task's vocabulary, so there a chunk holds every row of a
+    mini-batch and chunking only starts to matter at a vocabulary of LLM size). Larger chunks were
+    slower on CPU (see tools/bench.py)."""
     return chunk_size or max(1, 6_000_000 // vocab_size)
+
+
+def head_logits(hidden, weight):
+    """The output head, logits hidden @ weight.T in fp32 at least with autocast off (autocast
+    would lower the matmul to bf16): (n, H), (V, H) -> (n, V). Sampling and every log-prob use
+    it."""
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return hidden.to(dtype) @ weight.to(dtype).T
 
 
 def _log_softmax(hidden, weight, temperature):
     """log softmax(hidden @ weight.T / temperature) in fp32 at least: (n, H), (V, H) -> (n, V)."""
-    dtype = torch.promote_types(hidden.dtype, torch.float32)
-    with torch.autocast(hidden.device.type, enabled=False):  # autocast would lower the matmul to bf16
-        return F.log_softmax((hidden.to(dtype) @ weight.to(dtype).T) / temperature, dim=-1)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.log_softmax(head_logits(hidden, weight) / temperature, dim=-1)
 
 
 class FusedReverseKL(torch.autograd.Function):
-    """KL(p || SG q) per row, p = softmax(hs @ W.T / tau), q = softmax(ht @ Wt.T / tau), chunk by chunk.
-    Backward recomputes each chunk and applies the closed form dKL/dz = p (log p - log q - KL)
-    (z the student's scaled logits), so at most one (chunk, V) block is alive at a time."""
+    """KL(p || SG q) per row, p = softmax(hs @ W.T / tau), q = softmax(ht @ Wt.T / tau), chunk
+    by chunk. Backward recomputes each chunk and applies the closed form dKL/dz = p (log p - log q
+    - KL) (z the student's scaled logits), so at most one (chunk, V) block is alive at a time."""
 
-    # Both passes run with autocast off on whatever device the tensors are on, and compute in fp32 at
-    # least (_log_softmax upcasts each chunk; the backward's products upcast to the fp32 dkl_dz).
-    # torch.amp.custom_fwd/custom_bwd(device_type="cuda") did this for CUDA only: under CPU autocast,
-    # a backward called inside the autocast region (autograd.grad in diagnostics) ran its matmuls in bf16.
+    # Both passes run with autocast off on whatever device the tensors are on, and compute in fp32
+    # at least (_log_softmax upcasts each chunk; the backward's products upcast to the fp32 dkl_dz).
+    # torch.amp.custom_fwd/custom_bwd(device_type="cuda") did this for CUDA only: under CPU
+    # autocast, a backward called inside the autocast region (autograd.grad) ran in bf16.
 
     @staticmethod
     def forward(ctx, hs, ht, weight, teacher_weight, temperature, chunk_size):
         with torch.autocast(hs.device.type, enabled=False):
-            return FusedReverseKL._forward(ctx, hs, ht, weight, teacher_weight, temperature, chunk_size)
+            return FusedReverseKL._forward(ctx, hs, ht, weight, teacher_weight, temperature,
+                                           chunk_size)
 
     @staticmethod
     def _forward(ctx, hs, ht, weight, teacher_weight, temperature, chunk_size):
-        kl = torch.empty(hs.size(0), dtype=torch.promote_types(hs.dtype, torch.float32), device=hs.device)
+        kl = torch.empty(hs.size(0), dtype=torch.promote_types(hs.dtype, torch.float32),
+                         device=hs.device)
         for i in range(0, hs.size(0), chunk_size):
             logp = _log_softmax(hs[i:i + chunk_size], weight, temperature)
             logq = _log_softmax(ht[i:i + chunk_size], teacher_weight, temperature)
             kl[i:i + chunk_size] = (logp.exp() * (logp - logq)).sum(-1)
-        # a single chunk keeps dKL/dz for backward (it is the one block anyway); several recompute it
+        # one chunk keeps dKL/dz for backward (it is the one block anyway); several recompute it
         ctx.dkl_dz = logp.exp() * (logp - logq - kl[:, None]) if hs.size(0) <= chunk_size else None
         ctx.save_for_backward(hs, ht, weight, teacher_weight, kl)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -287,24 +294,26 @@ class FusedReverseKL(torch.autograd.Function):
         hs, ht, weight, teacher_weight, kl = ctx.saved_tensors
         tau, C = ctx.temperature, ctx.chunk_size
         grad_hs = torch.zeros_like(hs)
-        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=weight.device)
+        grad_w = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                             device=weight.device)
         for i in range(0, hs.size(0), C):
             if ctx.dkl_dz is not None:
                 dkl_dz = ctx.dkl_dz
             else:
                 logp = _log_softmax(hs[i:i + C], weight, tau)
                 logq = _log_softmax(ht[i:i + C], teacher_weight, tau)
-                dkl_dz = logp.exp() * (logp - logq - kl[i:i + C, None])  # the closed form p (log p - log q - KL)
+                dkl_dz = logp.exp() * (logp - logq - kl[i:i + C, None])  # p (log p - log q - KL)
             g = grad_kl[i:i + C, None] * dkl_dz / tau  # (chunk, V); the 1/tau from z = h W^T / tau
             grad_hs[i:i + C] = (g @ weight.to(g.dtype)).to(hs.dtype)
-            grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(grad_w.dtype)  # summed over chunks in fp32 at least
+            grad_w += (g.T @ hs[i:i + C].to(g.dtype)).to(grad_w.dtype)  # summed in fp32 at least
         ctx.dkl_dz = None
         return grad_hs, None, grad_w.to(weight.dtype), None, None, None  # none to the teacher
 
 
 def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, chunk_size=0,
                      teacher_weight=None):
-    """Per-token KL( softmax(student_hidden @ weight.T / tau) || SG softmax(teacher_hidden @ W_t.T / tau) ),
+    """Per-token KL(softmax(student_hidden @ weight.T / tau) || SG softmax(teacher_hidden @ W_t.T
+    / tau)),
     (N, H), (N, H), (V, H) -> (N,), never materialising an (N, V) tensor. W_t is teacher_weight,
     the teacher's own output matrix (a frozen teacher's differs), or weight when None. Gradients
     reach student_hidden and weight through the student side only. Equals full_vocab_reverse_kl
@@ -316,8 +325,9 @@ def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, ch
 
 
 def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=0):
-    """log softmax(hidden @ weight.T / tau)[tokens], tau the temperature, chunk by chunk: (N, H), (V, H), (N,) -> (N,).
-    With grad enabled each chunk is checkpointed, its logits recomputed in backward, never stored."""
+    """log softmax(hidden @ weight.T / tau)[tokens], tau the temperature, chunk by chunk: (N, H),
+    (V, H), (N,) -> (N,). With grad enabled each chunk is checkpointed, its logits recomputed in
+    backward, never stored."""
     def chunk_logp(h, t):
         return torch.gather(_log_softmax(h, weight, temperature), -1, t[:, None]).squeeze(-1)
     chunk_size = chunk_rows(chunk_size, weight.size(0))
@@ -326,7 +336,8 @@ def chunked_token_logprobs(hidden, weight, tokens, temperature=1.0, chunk_size=0
     out = []
     for i in range(0, hidden.size(0), chunk_size):
         h, t = hidden[i:i + chunk_size], tokens[i:i + chunk_size]
-        out.append(checkpoint(chunk_logp, h, t, use_reentrant=False) if torch.is_grad_enabled() else chunk_logp(h, t))
+        out.append(checkpoint(chunk_logp, h, t, use_reentrant=False) if torch.is_grad_enabled()
+                   else chunk_logp(h, t))
     return torch.cat(out)
 
 

@@ -22,7 +22,7 @@ from torch.testing import assert_close
 
 import data
 import sdpg
-from model import GPT, GPTConfig, response_logits
+from model import GPT, GPTConfig, response_hidden
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "tools"))
@@ -34,6 +34,12 @@ ENC = data.get_encoding()
 def encode(a, b, digits=data.NUM_DIGITS, enc=ENC):
     """Student prompts, teacher prompts and targets of the addition problems (a[i], b[i])."""
     return data.encode_batch(enc, data.AdditionTask(digits, eval_size=1), list(zip(map(int, a), map(int, b))), None)
+
+
+def response_logits(model, prompt, resp, n_pad=None):
+    """The logits (B, Tr, V) at the positions that predict each response token: the readable,
+    memory-hungry form the chunked head is checked against."""
+    return response_hidden(model, prompt, resp, n_pad) @ model.lm_head_weight.T
 
 
 def tiny_gpt(dtype=torch.float32, seed=0, vocab_size=ENC.n_vocab):
@@ -52,7 +58,7 @@ def make_run(model, args=None, task=None, ref_model=None, ctx=None, rank=0, worl
     return sdpg.Run(args, task or data.AdditionTask(2, eval_size=20), ENC, torch.device("cpu"),
                     ctx or torch.autocast("cpu", enabled=False), rank, world_size,
                     log if log is not None else (lambda record: None), model=model,
-                    train_model=model, ref_model=ref_model or model, teacher=model)
+                    train_model=model, ref_model=ref_model or model, teacher_model=model)
 
 
 # -----------------------------------------------------------------------------
@@ -310,33 +316,36 @@ def test_ref_penalty_four_forms_from_probabilities():
 
 
 def test_beta_schedule_hand_worked():
-    """beta(k) = beta min(1, k/T_warm) min(1, (T-k)/T_decay), k counted from 1 as the official trainer."""
+    """beta(k) = beta min(1, k/T_warm) min(1, (T-k)/T_decay), k counted from 1 as the official
+    trainer, T_warm and T_decay given as fractions of T."""
     f = sdpg.beta_schedule
     assert f(1, 100, 0.5, 0, 0) == 0.5 and f(100, 100, 0.5, 0, 0) == 0.5  # both parts off
     # the paper's triangle, T = 400, T_warm = 50, T_decay = 350: up over 1..50, down over 50..400
-    assert f(1, 400, 0.5, 50, 350) == pytest.approx(0.5 / 50)  # k = 1
-    assert f(50, 400, 0.5, 50, 350) == 0.5  # k = T_warm = T - T_decay: the peak
-    assert f(225, 400, 0.5, 50, 350) == pytest.approx(0.25)  # halfway down
-    assert f(400, 400, 0.5, 50, 350) == 0.0  # k = T
+    assert f(1, 400, 0.5, 1 / 8, 7 / 8) == pytest.approx(0.5 / 50)  # k = 1
+    assert f(50, 400, 0.5, 1 / 8, 7 / 8) == 0.5  # k = T_warm = T - T_decay: the peak
+    assert f(225, 400, 0.5, 1 / 8, 7 / 8) == pytest.approx(0.25)  # halfway down
+    assert f(400, 400, 0.5, 1 / 8, 7 / 8) == 0.0  # k = T
     # separate ramps: up to k = 10, flat, down from k = T - T_decay = 80
-    assert f(5, 100, 0.5, 10, 20) == pytest.approx(0.25) and f(10, 100, 0.5, 10, 20) == 0.5
-    assert f(80, 100, 0.5, 10, 20) == 0.5 and f(90, 100, 0.5, 10, 20) == pytest.approx(0.25)
-    assert f(100, 100, 0.5, 10, 20) == 0.0 and f(120, 100, 0.5, 0, 20) == 0.0
+    assert f(5, 100, 0.5, 0.1, 0.2) == pytest.approx(0.25) and f(10, 100, 0.5, 0.1, 0.2) == 0.5
+    assert f(80, 100, 0.5, 0.1, 0.2) == 0.5 and f(90, 100, 0.5, 0.1, 0.2) == pytest.approx(0.25)
+    assert f(100, 100, 0.5, 0.1, 0.2) == 0.0 and f(120, 100, 0.5, 0, 0.2) == 0.0
 
 
 def test_recipes_resolve_to_the_official_settings_and_explicit_flags_win():
     def resolved(*flags):
         return vars(sdpg.resolve(sdpg.parser.parse_args(list(flags))))
-    paper = resolved("--rl_steps", "400")
-    assert (paper["recipe"], paper["opd_gate"], paper["beta_warmup"], paper["beta_decay"]) == ("paper", "positive", 50, 350)
+    paper = resolved("--rl_steps", "400")  # T_warm 50 and T_decay 350 of 400, as fractions
+    assert (paper["recipe"], paper["opd_gate"], paper["beta_warmup"], paper["beta_decay"]) == ("paper", "positive", 1 / 8, 7 / 8)
+    assert paper["beta_horizon"] == 400
     assert (paper["clip_low"], paper["clip_high"], paper["dual_clip"], paper["kl_cap"]) == (0.2, 0.2, 10, 20)
     release = resolved("--recipe", "release")
     assert (release["opd_gate"], release["beta_warmup"], release["beta_decay"]) == ("all", 0, 0)
     assert (release["clip_low"], release["clip_high"], release["dual_clip"], release["kl_cap"]) == (0.2, 0.28, 10, 20)
     assert resolved("--clip_high", "0.3", "--opd_gate", "all")["clip_high"] == 0.3  # explicit flags win
     assert resolved("--recipe", "release", "--opd_gate", "positive")["opd_gate"] == "positive"
-    grpo = resolved("--algo", "grpo")  # the official GRPO script, whatever the recipe
-    assert (grpo["clip_low"], grpo["clip_high"], grpo["dual_clip"], grpo["alpha"], grpo["kl_in_reward"]) == (0.2, 0.2, 1000, 0, 1e-3)
+    for recipe in ("paper", "release"):  # the official GRPO script, whatever the recipe
+        grpo = resolved("--algo", "grpo", "--recipe", recipe)
+        assert (grpo["clip_low"], grpo["clip_high"], grpo["dual_clip"], grpo["alpha"], grpo["kl_in_reward"]) == (0.2, 0.2, 1000, 0, 1e-3)
     assert resolved("--algo", "grpo", "--alpha", "0.01")["alpha"] == 0.01
     rlsd = resolved("--algo", "rlsd")
     assert (rlsd["clip_high"], rlsd["dual_clip"], rlsd["alpha"], rlsd["kl_in_reward"]) == (0.2, 3, 0, 0)
@@ -412,18 +421,18 @@ def test_teacher_and_student_score_the_same_response_positions():
 
 
 def test_shared_prefix_scoring_equals_full_forward_per_sample():
-    """GPT.score runs each (privileged) prompt once and appends its G responses as a chunk after
+    """GPT.shared_prefix_hidden runs each (privileged) prompt once and appends its G responses as a chunk after
     the cached keys; it must equal a full forward over every prompt + response sequence."""
     model = tiny_gpt(torch.float64)
     G = 3
     _, teacher, _ = encode([7, 123], [596, 456], 3)
     cx = torch.tensor(teacher)  # (2, 14)
     resp = torch.randint(0, 256, (2 * G, 5))
-    got = model.score(cx, resp, G)  # (6, 5, H)
+    got = model.shared_prefix_hidden(cx, resp, G)  # (6, 5, H)
     want = sdpg.response_hidden(model, cx.repeat_interleave(G, 0), resp)
     assert got.shape == want.shape
     assert_close(got, want)
-    assert_close(model.score(cx, resp[:, :1], G), want[:, :1])  # a one-token response
+    assert_close(model.shared_prefix_hidden(cx, resp[:, :1], G), want[:, :1])  # a one-token response
 
 
 # -----------------------------------------------------------------------------
@@ -577,18 +586,6 @@ def test_eval_set_is_fixed_and_disjoint_from_training_problems():
     assert a.min() >= 0 and a.max() <= 999 and b.min() >= 0 and b.max() <= 999
 
 
-def test_named_tokenizer_works_or_fails_with_one_clear_line():
-    try:
-        enc = data.get_encoding("gpt2")
-    except ValueError as e:  # no files and no network here
-        assert "gpt2" in str(e) and "\n" not in str(e)
-    else:  # the files are cached: one token per character, the hint a special token
-        student, teacher, targets = encode([7], [596], 3, enc)
-        assert len(student[0]) == 8 and len(teacher[0]) == 14 and enc.decode(targets[0]).startswith("3060")
-    with pytest.raises(ValueError):
-        data.get_encoding("no_such_encoding")
-
-
 # -----------------------------------------------------------------------------
 # the loss on a mini-batch: DDP normalisation and the gate
 
@@ -671,12 +668,12 @@ def test_positive_gate_drops_distillation_on_non_positive_advantages():
 
 
 def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
-    """--algo opd: L = beta * token-mean KL(p || SG q) over every rollout + alpha * L_ref, with the KL
+    """--algo distill: L = beta * token-mean KL(p || SG q) over every rollout + alpha * L_ref, with the KL
     from the full (N, V) logits in float64, and the advantages (the verifier) play no part."""
     model = tiny_gpt(torch.float64)
     mb = fixed_rollouts(model, 4, seed=9)
     mb = double(mb)
-    args = parse("--algo", "opd", "--alpha", "0.1", "--opd_gate", "positive")
+    args = parse("--algo", "distill", "--alpha", "0.1", "--opd_gate", "positive")
     m, n = mb.mask, mb.mask.sum()
     loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
     z_s = response_logits(model, mb.x, mb.resp)
@@ -724,9 +721,9 @@ def test_frozen_teacher_uses_its_own_weights_and_head_against_float64_forwards()
     assert not torch.equal(model.lm_head_weight, ref.lm_head_weight)
     mb = double(fixed_rollouts(model, 4, seed=13))
     with torch.no_grad():
-        mb.h_teacher = ref.score(mb.cx, mb.resp)  # as update() does with run.teacher = pi_ref
+        mb.h_teacher = ref.shared_prefix_hidden(mb.cx, mb.resp)  # as update() does with run.teacher_model = pi_ref
     mb.w_teacher = ref.lm_head_weight.detach()
-    args = parse("--algo", "opd", "--alpha", "0", "--kl_cap", "0", "--teacher", "frozen")
+    args = parse("--algo", "distill", "--alpha", "0", "--kl_cap", "0", "--teacher", "frozen")
     n = mb.mask.sum()
     loss, sums, _ = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
     z_s = response_logits(model, mb.x, mb.resp)  # the student's own forward
@@ -851,7 +848,7 @@ def test_smoke_run_writes_log_checkpoint_summary_and_reuses_warm_start(tmp_path)
     assert phase(read_log(out), "eval")[0]["eval_acc"] == evals[0]["eval_acc"]
 
 
-@pytest.mark.parametrize("flags", [[], ["--algo", "opd", "--recipe", "release"], ["--algo", "grpo"]])
+@pytest.mark.parametrize("flags", [[], ["--algo", "distill", "--recipe", "release"], ["--algo", "grpo"]])
 def test_a_run_logs_beta_of_k_and_loss_terms_that_sum_to_the_loss(flags, tmp_path, monkeypatch, capsys):
     """Properties of the loop on a real run: the beta logged at step k is beta_schedule(k) for
     k = 1 .. T (the paper's triangle: T_warm = T/8, T_decay = 7T/8), and the logged loss is the
@@ -862,20 +859,20 @@ def test_a_run_logs_beta_of_k_and_loss_terms_that_sum_to_the_loss(flags, tmp_pat
     log = read_log(out)
     args, rl = log[0], phase(log, "rl")
     if "--algo" not in flags:  # by hand at k = 1: 0.05 * (1 / 0.75) capped at 1 * (5 / 5.25)
-        assert args["beta_warmup"] == T / 8 and args["beta_decay"] == 7 * T / 8
+        assert args["beta_warmup"] == 1 / 8 and args["beta_decay"] == 7 / 8 and args["beta_horizon"] == T
         assert rl[0]["beta"] == pytest.approx(0.05 * 1.0 * (5 / 5.25))
         assert rl[-1]["beta"] == 0.0
     expected_beta = [sdpg.beta_schedule(k, T, args["beta"], args["beta_warmup"], args["beta_decay"])
                      if args["algo"] != "grpo" else 0.0 for k in range(1, T + 1)]
     assert [r["beta"] for r in rl] == expected_beta
     for r in rl:
-        out_term = 0.0 if args["algo"] == "opd" else r["loss_out"]
+        out_term = 0.0 if args["algo"] == "distill" else r["loss_out"]
         opd = r["beta"] * r["loss_opd"] if "loss_opd" in r else 0.0
         assert r["loss"] == pytest.approx(out_term + args["alpha"] * r["loss_ref"] + opd, rel=1e-4, abs=1e-7)
         assert "loss_opd" not in r or r["loss_opd"] <= r["kl_teacher"] + 1e-6
 
 
-@pytest.mark.parametrize("flags", [["--algo", "rlsd"], ["--algo", "opd", "--teacher", "frozen", "--recipe", "release"]])
+@pytest.mark.parametrize("flags", [["--algo", "rlsd"], ["--algo", "distill", "--teacher", "frozen", "--recipe", "release"]])
 def test_baselines_run_end_to_end(flags, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "run")
     p = run_main(monkeypatch, capsys, TINY + ["--sft_until", "0"] + flags + ["--out_dir", out])
@@ -912,25 +909,80 @@ def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch
 def test_resume_keeps_the_schedule_of_the_run_it_continues(tmp_path, monkeypatch, capsys):
     """A 4-step paper-recipe run resumed with --rl_steps 8 keeps its schedule: T_warm 0.5 and
     T_decay 3.5 steps, ending at its own T = 4, so the added steps get beta 0 (a schedule
-    re-resolved for 8 steps would jump to 0.05 * 3/7 at step 5); an explicit --beta_decay sets a
-    new schedule, ending at the new T, and the log says so."""
+    re-resolved for 8 steps would jump to 0.05 * 3/7 at step 5); a typed --beta_decay sets the
+    whole schedule anew for the new T (T_warm 1/8 and T_decay 0.5 of 10 steps), and the resume
+    record names the schedule in steps each time."""
     out = str(tmp_path / "run")
     tiny = TINY + ["--sft_until", "0", "--eval_every", "0", "--out_dir", out]
     assert run_main(monkeypatch, capsys, tiny + ["--rl_steps", "4"]).returncode == 0
     assert [r["beta"] for r in phase(read_log(out), "rl")][-1] == 0.0  # beta(T) = 0
-    p = run_main(monkeypatch, capsys, tiny + ["--rl_steps", "8", "--resume", os.path.join(out, "ckpt.pt")])
+    ckpt = os.path.join(out, "ckpt.pt")
+    p = run_main(monkeypatch, capsys, ["--resume", ckpt, "--rl_steps", "8"])
     assert p.returncode == 0, p.stderr
     assert "beta keeps the schedule it ran with, which ends at step 4" in p.stdout
     log = read_log(out)
     assert [r["beta"] for r in phase(log, "rl")][4:] == [0.0] * 4
     assert phase(log, "resume")[0]["changed"] == {"rl_steps": [4, 8]}
+    assert phase(log, "resume")[0]["schedule"] == {"warmup": 0.5, "decay": 3.5, "horizon": 4}
     assert log[-1]["phase"] == "eval" and log[-1]["step"] == 8
-    p = run_main(monkeypatch, capsys, tiny + ["--rl_steps", "10", "--beta_decay", "2", "--resume",
-                                              os.path.join(out, "ckpt.pt")])
-    assert p.returncode == 0 and "beta_decay 2.0 replaces the checkpoint's 3.5" in p.stdout, p.stdout
-    assert [r["beta"] for r in phase(read_log(out), "rl")][8:] == [sdpg.beta_schedule(k, 10, 0.05, 0.5, 2)
+    p = run_main(monkeypatch, capsys, ["--rl_steps", "10", "--beta_decay", "0.5", "--resume", ckpt])
+    assert p.returncode == 0 and "the schedule ends at step 10" in p.stdout, p.stdout
+    assert [r["beta"] for r in phase(read_log(out), "rl")][8:] == [sdpg.beta_schedule(k, 10, 0.05, 1 / 8, 0.5)
                                                                   for k in (9, 10)]
-    assert phase(read_log(out), "resume")[-1]["changed"]["beta_horizon"] == [4, 10]
+    last = phase(read_log(out), "resume")[-1]
+    assert last["changed"] == {"rl_steps": [8, 10], "beta_decay": [7 / 8, 0.5], "beta_horizon": [4, 10]}
+    assert last["schedule"] == {"warmup": 1.25, "decay": 5.0, "horizon": 10}
+
+
+def test_a_resume_with_only_resume_and_rl_steps_continues_the_run_it_names(tmp_path, monkeypatch, capsys):
+    """A run with five flags of its own (the recipe, a clip, beta, the width, the seed), stopped by
+    Ctrl-C after step 2 and resumed with --resume and --rl_steps alone, logs the RL and eval records
+    of the same run uninterrupted to the last digit: every flag not typed comes from the checkpoint,
+    --out_dir included."""
+    import signal
+    mine = TINY + ["--sft_until", "0", "--rl_steps", "4", "--eval_every", "2", "--recipe", "release",
+                   "--clip_high", "0.3", "--beta", "0.1", "--n_embd", "48", "--seed", "3"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    assert run_main(monkeypatch, capsys, mine + ["--out_dir", full]).returncode == 0
+
+    def ctrl_c_at_step_2(run, k, beta, mb):
+        if k == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler asks the loop to stop after this step
+
+    p = run_main(monkeypatch, capsys, mine + ["--out_dir", part], hook=ctrl_c_at_step_2)
+    assert p.returncode == 0 and "interrupted: stopped after step 2/4" in p.stdout, p.stdout
+    p = run_main(monkeypatch, capsys, ["--resume", os.path.join(part, "ckpt.pt"), "--rl_steps", "4"])
+    assert p.returncode == 0, p.stderr
+
+    def records(out, name):  # everything but the wall-clock timings
+        return [{k: v for k, v in r.items() if not (k.startswith("dt") or k == "tok_per_s")}
+                for r in phase(read_log(out), name)]
+    assert [r["step"] for r in records(part, "rl")] == [1, 2, 3, 4]
+    assert records(part, "rl") == records(full, "rl") and records(part, "eval") == records(full, "eval")
+    assert read_log(part)[0]["n_embd"] == 48 and phase(read_log(part), "resume")[0]["changed"] == {}
+
+
+DIFFERENT = {"algo": "grpo", "recipe": "release", "beta": "0.1", "alpha": "0.01", "clip_low": "0.1",
+             "clip_high": "0.3", "dual_clip": "5", "opd_gate": "all", "kl_cap": "10", "opd_exclude_eot": None,
+             "kl_in_reward": "0.01", "kl_mode": "ufkl", "teacher": "frozen", "group_size": "2",
+             "prompts_per_step": "8", "num_minibatches": "1", "temperature": "0.7", "lr": "0.001",
+             "grad_clip": "0.5", "max_new_tokens": "7", "seed": "3", "dtype": "bfloat16", "n_layer": "2",
+             "n_head": "4", "n_embd": "64"}
+
+
+def test_every_flag_that_must_not_change_on_resume_is_tried():
+    assert set(DIFFERENT) == set(sdpg.SAME_ON_RESUME) and len(DIFFERENT) >= 25
+
+
+@pytest.mark.parametrize("name", sorted(DIFFERENT))
+def test_resume_refuses_a_changed_algorithm_in_one_line(name, good_checkpoint, monkeypatch, capsys):
+    """Each flag of SAME_ON_RESUME typed with another value than the run's: one line naming it,
+    exit 2, and the run's log untouched."""
+    flags = [f"--{name}"] + ([DIFFERENT[name]] if DIFFERENT[name] is not None else [])
+    log = (good_checkpoint / "log.jsonl").read_bytes()
+    p = run_main(monkeypatch, capsys, ["--resume", str(good_checkpoint / "ckpt.pt")] + flags)
+    assert one_line_error(p, f"--{name} ") and "differs" in p.stderr, p.stderr
+    assert (good_checkpoint / "log.jsonl").read_bytes() == log
 
 
 def test_a_resume_after_ctrl_c_keeps_the_run_s_first_evaluation(tmp_path, monkeypatch, capsys):
@@ -948,16 +1000,6 @@ def test_a_resume_after_ctrl_c_keeps_the_run_s_first_evaluation(tmp_path, monkey
     assert [r["step"] for r in evals] == [0, 2, 2, 3]  # step 2 again: the checkpoint said it was not logged
     summary = p.stdout.strip().splitlines()[-1]
     assert f"eval_acc {evals[0]['eval_acc']:.3f} (step 0) -> {evals[-1]['eval_acc']:.3f} (step 3)" in summary
-
-
-@pytest.mark.parametrize("flags, needle", [(["--beta", "0.1"], "--beta"), (["--recipe", "release"], "--recipe"),
-                                           (["--algo", "grpo"], "--algo"), (["--group_size", "2"], "--group_size"),
-                                           (["--kl_mode", "ufkl"], "--kl_mode"), (["--seed", "3"], "--seed")])
-def test_resume_refuses_a_changed_algorithm_in_one_line(flags, needle, tmp_path, monkeypatch, capsys):
-    out = str(tmp_path / "run")
-    assert run_main(monkeypatch, capsys, TINY + ["--sft_until", "0", "--rl_steps", "1", "--out_dir", out]).returncode == 0
-    p = run_main(monkeypatch, capsys, TINY + ["--out_dir", out, "--resume", os.path.join(out, "ckpt.pt")] + flags)
-    assert one_line_error(p, needle) and "differs" in p.stderr, p.stderr
 
 
 EVAL_SCRIPT = r'''
@@ -1080,8 +1122,9 @@ def test_help_shows_what_each_recipe_sets():
     for k in ("clip_high", "opd_gate", "beta_warmup", "dual_clip", "alpha"):
         shown = sdpg.recipe_help(k, "")
         assert all(f"{r} " in shown for r in sdpg.RECIPES)
-    assert "paper 0.2, release 0.28; grpo 0.2, rlsd 0.2" in sdpg.recipe_help("clip_high", "")
-    assert "paper 0.125*rl_steps, release 0" in sdpg.recipe_help("beta_warmup", "")
+    assert "paper 0.2, release 0.28, grpo 0.2, rlsd 0.2" in sdpg.recipe_help("clip_high", "")
+    assert "paper 0.125, release 0," in sdpg.recipe_help("beta_warmup", "")  # a fraction of T
+    assert "paper positive, release all" in sdpg.recipe_help("opd_gate", "")
     n_flags = sum(1 for a in sdpg.parser._actions if a.option_strings and a.dest != "help")
     assert n_flags <= 40
 
@@ -1247,8 +1290,8 @@ def test_streams_that_do_not_fit_resume_with_fresh_streams_and_one_line(how, goo
     out = str(tmp_path / "run")
     p = run_main(monkeypatch, capsys, TINY + ["--sft_until", "0", "--rl_steps", "2", "--out_dir", out, "--resume", path])
     assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert len([line for line in p.stdout.splitlines() if line.endswith("new random streams")]) == 1
-    expected = "resume: saved with 1 ranks on cuda, running 1 on cpu" if how == "cuda_labelled" else "do not fit"
+    assert len([line for line in p.stdout.splitlines() if line.endswith("new streams")]) == 1
+    expected = "(saved with 1 ranks on cuda, running 1 on cpu)" if how == "cuda_labelled" else "do not fit"
     assert expected in p.stdout
     assert [r["step"] for r in phase(read_log(out), "rl")] == [2]
 
@@ -1446,7 +1489,7 @@ def test_the_hook_sees_on_policy_rollouts_scored_by_pi_old_and_pi_ref(tau, tmp_p
     def hook(run, k, beta, mb):
         G = run.args.group_size
         logp, ref = token_logprobs(run.model, mb), token_logprobs(run.ref_model, mb)
-        teacher = run.model.score(mb.cx[::G], mb.resp, G)
+        teacher = run.model.shared_prefix_hidden(mb.cx[::G], mb.resp, G)
         m = mb.mask.bool()
         seen.append(((logp - mb.old_logp)[m].abs().max().item(), (ref - mb.ref_logp)[m].abs().max().item(),
                      (teacher - mb.h_teacher).abs().max().item(), (logp - ref)[m].abs().max().item()))
@@ -1461,7 +1504,7 @@ def test_the_hook_sees_on_policy_rollouts_scored_by_pi_old_and_pi_ref(tau, tmp_p
 @pytest.mark.parametrize("algo, recipe, clip, optimizer", [
     ("sdpg", "paper", 0.05, torch.optim.AdamW), ("sdpg", "release", 0.0, torch.optim.SGD),
     ("grpo", "paper", 0.0, torch.optim.SGD), ("rlsd", "paper", 0.0, torch.optim.SGD),
-    ("opd", "paper", 0.0, torch.optim.SGD)])
+    ("distill", "paper", 0.0, torch.optim.SGD)])
 def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(algo, recipe, clip, optimizer):
     """Phases 2 and 3 on a float64 model's rollouts (4 prompts x G = 2, two mini-batches of two
     groups) against a plain loop written from the equations: the advantages from the rewards
@@ -1482,7 +1525,7 @@ def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(algo, reci
     plain = copy.deepcopy(model)
     sdpg.score_rollouts(run, batch, 1)
     run.optimizer = optimizer(model.parameters(), lr=args.lr, weight_decay=sdpg.WEIGHT_DECAY)
-    beta = args.beta if algo in ("sdpg", "opd") else 0.0
+    beta = args.beta if algo in ("sdpg", "distill") else 0.0
     sdpg.update(run, batch, beta, 1, None)
 
     a, m_all = args, batch.mask
@@ -1511,8 +1554,8 @@ def test_one_rl_step_equals_a_plain_loop_over_mini_batches_in_float64(algo, reci
         ratio = torch.exp(logp - old[rows])
         l_out = torch.maximum(-A * ratio, -A * ratio.clamp(1 - a.clip_low, 1 + a.clip_high))
         l_out = torch.where((A < 0) & (l_out > -a.dual_clip * A), -a.dual_clip * A, l_out)
-        loss = (0 if algo == "opd" else l_out) + a.alpha * 0.5 * (logp - ref[rows]) ** 2  # alpha 0: grpo, rlsd
-        if algo in ("sdpg", "opd"):  # the gate only under sdpg's paper recipe
+        loss = (0 if algo == "distill" else l_out) + a.alpha * 0.5 * (logp - ref[rows]) ** 2  # alpha 0: grpo, rlsd
+        if algo in ("sdpg", "distill"):  # the gate only under sdpg's paper recipe
             with torch.no_grad():
                 logq_all = logprobs(plain, batch.cx, rows)[0]
             kl = (logp_all.exp() * (logp_all - logq_all)).sum(-1).clamp(max=a.kl_cap)
@@ -1534,7 +1577,7 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(context, tmp_pa
     exactly c + the student prompt, with c of the kind asked for."""
     hint = ENC.encode_single_token(data.HINT)
     calls = {"generate": [], "score": []}
-    orig_generate, orig_score = GPT.generate, GPT.score
+    orig_generate, orig_score = GPT.generate, GPT.shared_prefix_hidden
 
     def generate(self, prompts, max_new_tokens, eot, num_samples=1, *a, **k):
         calls["generate"].append((prompts.clone(), num_samples))
@@ -1545,7 +1588,7 @@ def test_no_teacher_only_token_reaches_the_student_in_a_real_run(context, tmp_pa
         return orig_score(self, prompts, *a, **k)
 
     monkeypatch.setattr(GPT, "generate", generate)
-    monkeypatch.setattr(GPT, "score", score)
+    monkeypatch.setattr(GPT, "shared_prefix_hidden", score)
     flags = ["--context", context[0]] + (["--context_noise", context[1]] if len(context) > 1 else [])
     run_in_process(monkeypatch, TINY + flags + ["--out_dir", str(tmp_path / "run"), "--diag_every", "2"],
                    entry=extras.main)
@@ -1867,7 +1910,7 @@ def test_bf16_autocast_cached_greedy_decoding_equals_full_forward():
         cached, mask = model.generate(prompts, 10, eot, temperature=0)
         assert model._prefill(prompts, 17, 1)[1][0].k.dtype == torch.bfloat16  # the cache holds what the layer computes
         h_full = model(torch.cat([prompts, cached], 1), return_hidden=True)[:, Tp - 1:-1]  # no cache
-        h_cached = model.score(prompts, cached)  # prefill + one chunk after the cached keys
+        h_cached = model.shared_prefix_hidden(prompts, cached)  # prefill + one chunk after the cached keys
     logp_full = fp32_head_logprobs(h_full, model.lm_head_weight)  # (5, Tr, V)
     logp_cached = fp32_head_logprobs(h_cached, model.lm_head_weight)
     assert_close(logp_cached, logp_full, rtol=0, atol=2e-3)
@@ -1880,7 +1923,7 @@ def test_bf16_autocast_cached_greedy_decoding_equals_full_forward():
 
 
 def test_bf16_autocast_shared_prefix_scoring_equals_full_forward_per_sample():
-    """GPT.score under CPU bf16 autocast equals the full forward over every prompt + response, to
+    """GPT.shared_prefix_hidden under CPU bf16 autocast equals the full forward over every prompt + response, to
     a bf16 tolerance tighter than the distance of either from the fp32 result."""
     model = tiny_gpt()
     G = 3
@@ -1889,9 +1932,9 @@ def test_bf16_autocast_shared_prefix_scoring_equals_full_forward_per_sample():
     torch.manual_seed(12)
     resp = torch.randint(0, 256, (2 * G, 5))
     with bf16_autocast():
-        got = model.score(cx, resp, G)
+        got = model.shared_prefix_hidden(cx, resp, G)
         want = sdpg.response_hidden(model, cx.repeat_interleave(G, 0), resp)
-        got_one = model.score(cx, resp[:, :1], G)
+        got_one = model.shared_prefix_hidden(cx, resp[:, :1], G)
     fp32 = sdpg.response_hidden(model, cx.repeat_interleave(G, 0), resp)
     assert got.shape == want.shape == fp32.shape
     assert_close(got, want, rtol=0, atol=1e-2)
@@ -1916,7 +1959,7 @@ def test_generate_under_bf16_autocast_samples_from_the_fp32_head():
         return multinomial(probs, n, generator=generator)
 
     with bf16_autocast():
-        h0 = model.score(prompts, torch.zeros(len(prompts) * G, 1, dtype=torch.long), G)[:, 0]  # the prefill's last state
+        h0 = model.shared_prefix_hidden(prompts, torch.zeros(len(prompts) * G, 1, dtype=torch.long), G)[:, 0]  # the prefill's last state
         bf16_head = F.softmax((h0 @ model.lm_head_weight.T).float() / T, -1)
         torch.multinomial = spy
         try:
@@ -2025,12 +2068,10 @@ def test_the_gpu_is_set_before_nccl_binds_to_it(device, ranks, expected, monkeyp
     args = device_args(device)
     if isinstance(expected, str):
         with pytest.raises(SystemExit):
-            sdpg.validate(args)
             sdpg.setup_distributed(args)
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and calls == []
         return
-    sdpg.validate(args)
     rank, local_rank, world_size, dev, use_cuda = sdpg.setup_distributed(args)
     expected = [(name, torch.device(a) if name == "set_device" else
                  {k: torch.device(v) if k == "device_id" else v for k, v in a.items()}) for name, a in expected]
@@ -2113,7 +2154,7 @@ import chain  # noqa: E402
 
 
 def padded(rows, pad=ENC.eot_token):
-    return sdpg.left_pad([list(r) for r in rows], pad, torch.device("cpu"))
+    return data.left_pad([list(r) for r in rows], pad, torch.device("cpu"))
 
 
 def test_left_pad_hand_worked():
@@ -2132,7 +2173,7 @@ def test_left_padded_rows_equal_their_unpadded_sequences():
     x, n_pad = padded(rows, pad=42)
     G, resp = 2, torch.randint(0, 256, (6, 4))
     h = sdpg.response_hidden(model, x.repeat_interleave(G, 0), resp, n_pad.repeat_interleave(G, 0))
-    scored = model.score(x, resp, G, n_pad)
+    scored = model.shared_prefix_hidden(x, resp, G, n_pad)
     greedy, _ = model.generate(x, 6, ENC.eot_token, temperature=0, n_pad=n_pad)
     for b, r in enumerate(rows):
         alone = sdpg.response_hidden(model, torch.tensor([r] * G), resp[b * G:(b + 1) * G])
@@ -2209,7 +2250,7 @@ def test_chain_metrics_against_hand_counts_and_brute_force_kl():
     rep = lambda t: None if t is None else t.repeat_interleave(G, 0)  # noqa: E731
     mb = sdpg.Rollouts(problems, rep(x), rep(cx), resp, mask, resp == ENC.eot_token,
                        torch.tensor([1.0, 1.0, 1.0, 0.0]), rep(x_pad), rep(cx_pad))
-    mb.h_teacher = model.score(cx, resp, G, cx_pad)
+    mb.h_teacher = model.shared_prefix_hidden(cx, resp, G, cx_pad)
     mb.w_teacher = model.lm_head_weight.detach()
     args = parse("--group_size", str(G))
     got = chain.chain_metrics(make_run(model, args, task), mb)
@@ -2307,3 +2348,274 @@ def test_study_leaves_out_a_seed_whose_warm_start_fell_short(tmp_path, monkeypat
     study.run_all(["default"], [0, 4], ["grpo", "release"], 1, str(tmp_path / "grid"), [])
     assert [os.path.basename(out) for out, _ in started] == ["warm_s0", "warm_s4", "grpo_s0", "release_s0"]
     assert capsys.readouterr().out.count("this seed is left out") == 1
+
+
+# -----------------------------------------------------------------------------
+# the paths users take next: bad values, a GPU without bf16, imported runs, the hook, own tasks
+
+NUMBERS = ["abc", "nan", "inf", "-inf", "-1", "1e30", "1" + "0" * 30]  # text, non-finite, negative, huge
+POSITIVE = ["0"]  # where a zero cannot run
+SWEEP = {  # every flag of --help: values that must be refused
+    "out_dir": ["/dev/null/run"], "resume": ["/no/such/ckpt.pt"], "device": ["tpu", "cuda:x"],
+    "dtype": ["float16"], "compile": ["--compile=1"], "opd_exclude_eot": ["--opd_exclude_eot=1"],
+    "algo": ["ppo"], "kl_mode": ["k9"], "teacher": ["ema2"], "recipe": ["dapo"], "opd_gate": ["some"],
+    "eval_every": NUMBERS, "eval_size": NUMBERS + POSITIVE + ["1.5"], "eval_samples": NUMBERS,
+    "seed": NUMBERS + ["4294967296"], "digits": NUMBERS + POSITIVE + ["7"], "n_layer": NUMBERS + POSITIVE,
+    "n_head": NUMBERS + POSITIVE, "n_embd": NUMBERS + POSITIVE + ["33"], "sft_steps": NUMBERS,
+    "sft_batch": NUMBERS + POSITIVE, "sft_until": NUMBERS + ["1.5"], "sft_teacher_until": NUMBERS + ["2"],
+    "rl_steps": NUMBERS + ["2.5"], "prompts_per_step": NUMBERS + POSITIVE + ["3"],
+    "group_size": NUMBERS + POSITIVE + ["1"], "num_minibatches": NUMBERS + POSITIVE + ["3"],
+    "lr": NUMBERS + POSITIVE, "grad_clip": NUMBERS, "temperature": NUMBERS + POSITIVE,
+    "max_new_tokens": NUMBERS + POSITIVE + ["2"], "beta": NUMBERS, "beta_warmup": NUMBERS + ["1.5"],
+    "beta_decay": NUMBERS + ["1.5"], "clip_low": NUMBERS + ["1"], "clip_high": NUMBERS,
+    "dual_clip": NUMBERS + ["1"], "kl_cap": NUMBERS, "alpha": NUMBERS, "kl_in_reward": NUMBERS}
+
+
+def test_the_sweep_covers_every_flag_of_help():
+    flags = {a.dest for a in sdpg.parser._actions if a.option_strings and a.dest != "help"}
+    assert set(SWEEP) == flags and len(flags) <= 40
+
+
+@pytest.mark.parametrize("name", sorted(SWEEP))
+def test_every_bad_value_of_every_flag_is_one_line_and_overwrites_nothing(name, tmp_path, monkeypatch, capsys):
+    """Each value of SWEEP[name]: exit 2, one line on stderr naming the flag, no traceback, and the
+    files already in --out_dir (a log, a warm start, a checkpoint) byte for byte as they were."""
+    out = tmp_path / "out"
+    out.mkdir()
+    files = {f: f"{f} of an earlier run".encode() for f in ("log.jsonl", "sft.pt", "ckpt.pt")}
+    for f, content in files.items():
+        (out / f).write_bytes(content)
+    for value in SWEEP[name]:
+        flag = [value] if value.startswith("--") else [f"--{name}", value]
+        p = run_main(monkeypatch, capsys, TINY + ["--out_dir", str(out)] + flag)
+        assert one_line_error(p, name), (name, value, p.stderr)
+        assert {f: (out / f).read_bytes() for f in files} == files, (name, value)
+
+
+class LongPromptTask(data.AdditionTask):
+    """Addition whose training prompts are longer than every held-out one: a task that breaks
+    the block size the held-out set sets."""
+
+    def __repr__(self):
+        return "LongPromptTask()"
+
+    def sample(self, rng, n):
+        return [(a, b, "long") for a, b in super().sample(rng, n)]
+
+    def prompt(self, p):
+        return super().prompt(p[:2]) + ("  " * 10 if len(p) == 3 else "")
+
+    def context(self, p, rng):
+        return super().context(p[:2], rng)
+
+    def answer(self, p):
+        return super().answer(p[:2])
+
+    def reward(self, text, p):
+        return super().reward(text, p[:2])
+
+
+@pytest.mark.parametrize("stage, flags", [("warm-start", []), ("prompt", ["--sft_steps", "0"])])
+def test_a_task_whose_training_prompts_outgrow_the_block_size_is_one_line(stage, flags, tmp_path, monkeypatch, capsys):
+    """Held-out c + x has 11 tokens, a training one 31; with --max_new_tokens 8 the block size is
+    19: one line naming the task, the length and the block size, in the warm start and in RL."""
+    p = run_main(monkeypatch, capsys, TINY + ["--out_dir", str(tmp_path)] + flags, task=LongPromptTask(2, 40))
+    assert one_line_error(p, "LongPromptTask()"), p.stderr
+    length = 31 + 3 if stage == "warm-start" else 31 + 8  # c + x + y (y 4 tokens, less one) or + max_new_tokens
+    assert stage in p.stderr and f"of {length} tokens" in p.stderr and "block size 19" in p.stderr, p.stderr
+
+
+def test_a_gpu_without_bf16_gets_float32_with_one_line_and_refuses_bf16(monkeypatch, capsys):
+    """pick_dtype on CUDA, with is_bf16_supported faked: bf16 where it is native, else float32 and a
+    line saying why; --dtype bfloat16 there is refused in one line; CPU runs float32 silently."""
+    def choose(dtype, use_cuda, native):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+        args = argparse.Namespace(dtype=dtype)
+        sdpg.pick_dtype(args, use_cuda)
+        return args.dtype, capsys.readouterr()
+    capsys.readouterr()
+    assert choose(None, True, True) == ("bfloat16", ("", ""))
+    dtype, (out, err) = choose(None, True, False)
+    assert dtype == "float32" and len(out.strip().splitlines()) == 1 and "no native bfloat16" in out
+    assert choose("float32", True, False) == ("float32", ("", ""))
+    assert choose(None, False, False) == ("float32", ("", ""))
+    with pytest.raises(SystemExit) as e:
+        choose("bfloat16", True, False)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--dtype float32" in err
+
+
+def test_main_restores_the_signal_handlers_it_replaced_twice_in_one_process(tmp_path, monkeypatch, capsys):
+    """sdpg.main called twice from a script, the second ending in an error: during each run Ctrl-C
+    is the run's (finish the step, save), after each the caller's own handlers are back."""
+    import signal
+    mine = {sig: (lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: signal.signal(sig, h) for sig, h in mine.items()}
+    during = []
+
+    def hook(run, k, beta, mb):
+        during.append(signal.getsignal(signal.SIGINT))
+        return {"reward": 1.0} if "clash" in run.args.out_dir else {}
+    try:
+        tiny = TINY + ["--device", "cpu", "--sft_until", "0", "--rl_steps", "1"]
+        sdpg.main(tiny + ["--out_dir", str(tmp_path / "a")], hook=hook)
+        assert {sig: signal.getsignal(sig) for sig in mine} == mine
+        with pytest.raises(SystemExit):
+            sdpg.main(tiny + ["--out_dir", str(tmp_path / "clash")], hook=hook)
+        assert {sig: signal.getsignal(sig) for sig in mine} == mine
+    finally:
+        for sig, h in before.items():
+            signal.signal(sig, h)
+    assert len(during) == 2 and all(getattr(h, "__self__", None).__class__ is sdpg.StopRequest for h in during)
+
+
+def test_the_hook_cannot_replace_a_field_and_its_time_is_not_the_step_s(tmp_path, monkeypatch, capsys):
+    """A hook field that the step logs itself (reward) stops the run with one line; a hook that
+    sleeps 1 s is logged as dt_hook >= 1 and the step's dt, tok_per_s leave it out."""
+    import time
+
+    def slow(run, k, beta, mb):
+        time.sleep(1.0)
+        return {"my_field": 7.0}
+    out = str(tmp_path / "slow")
+    assert run_main(monkeypatch, capsys, TINY + ["--sft_until", "0", "--rl_steps", "1", "--out_dir", out],
+                    hook=slow).returncode == 0
+    rl = phase(read_log(out), "rl")[0]
+    assert rl["my_field"] == 7.0 and rl["dt_hook"] >= 1.0 and rl["dt"] < 1.0
+    assert rl["tok_per_s"] == pytest.approx(rl["resp_len"] * 16 / rl["dt"])  # 4 prompts x G 4
+    p = run_main(monkeypatch, capsys, TINY + ["--sft_until", "0", "--rl_steps", "1", "--out_dir", out],
+                 hook=lambda run, k, beta, mb: {"reward": 1.0, "step": 0})
+    assert one_line_error(p, "reward, step"), p.stderr
+
+
+def test_non_finite_steps_stop_the_run_only_when_in_a_row(tmp_path, monkeypatch):
+    """NaN losses at steps 1, 2, 4, 5, 7, 8 (never three in a row): every one skipped, the run ends
+    at step 8, and the streak resets after each finite step."""
+    real_loss, state = sdpg.minibatch_loss, {"k": 0}
+
+    def poisoned(*a, **kw):
+        loss, sums, terms = real_loss(*a, **kw)
+        return (loss * float("nan") if state["k"] % 3 else loss), sums, terms
+
+    def count_steps(run, k, beta, mb):
+        state["k"] = k
+    monkeypatch.setattr(sdpg, "minibatch_loss", poisoned)
+    out = str(tmp_path / "run")
+    run_in_process(monkeypatch, TINY + ["--sft_until", "0", "--rl_steps", "8", "--eval_every", "0",
+                                        "--out_dir", out], hook=count_steps)
+    assert [r["skipped"] for r in phase(read_log(out), "rl")] == [2, 2, 0, 2, 2, 0, 2, 2]
+
+
+def test_the_warm_start_shows_c_on_a_share_of_rows_and_never_elsewhere():
+    """sft_batch with hint_frac 0.5 over 2,000 problems: the rows holding <|hint|> are within 4
+    standard deviations of half (0.5 +- 0.045), each hinted row is c + x + y and each other x + y,
+    labels on y only; hint_frac 0 and 1 give none and all."""
+    task, hint = data.AdditionTask(2, 40), ENC.encode_single_token(data.HINT)
+    for frac, lo, hi in ((0.5, 0.455, 0.545), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)):
+        rng = np.random.default_rng(5)
+        inputs, labels = data.sft_batch(ENC, task, rng, 2000, frac)
+        problems = task.sample(np.random.default_rng(5), 2000)  # the same draws, in order
+        student, teacher, target = data.encode_batch(ENC, task, problems, None)
+        hinted = [hint in row for row in inputs]
+        assert lo <= sum(hinted) / 2000 <= hi
+        for i in range(0, 2000, 97):
+            prompt = teacher[i] if hinted[i] else student[i]
+            assert inputs[i][:len(prompt) + len(target[i]) - 1] == prompt + target[i][:-1]
+            assert [v for v in labels[i] if v >= 0] == target[i]
+
+
+class RaggedTask(ReverseTask):
+    """Words of 2 to 6 letters in a fixed order, so the prompts of one step differ in length."""
+
+    def sample(self, rng, n):
+        return ["ab", "abcdef", "abc", "abcdefgh"][:n]
+
+
+def full_logp(model, prompt, resp):  # log pi(resp_t | prompt, resp_<t) of one unpadded row, float64
+    z = response_logits(model, torch.tensor([prompt]), resp[None]).double()[0]
+    return torch.log_softmax(z, -1).gather(-1, resp[:, None])[:, 0]
+
+
+def test_scoring_and_the_teacher_pass_pad_each_prompt_of_several_lengths_as_its_own(monkeypatch):
+    """Four prompts of 3, 7, 4 and 9 tokens, G = 2: pi_old's log-probs (score_rollouts) and the
+    teacher's hidden states (update) of every row equal that row's prompt read alone, unpadded, in
+    float64; a wrong prompt's padding for any group would show."""
+    model = tiny_gpt(torch.float64, seed=3)
+    args = parse("--group_size", "2", "--max_new_tokens", "5", "--num_minibatches", "1", "--beta", "0.1")
+    task = RaggedTask(10)
+    run = make_run(model, args, task=task)
+    run.rl_rng, run.gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    run.optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = sdpg.sample_rollouts(run, 4)
+    assert batch.x_pad is not None and len(set(batch.x_pad.tolist())) == 4
+    sdpg.score_rollouts(run, batch, 1)
+    seen = {}
+    sdpg.update(run, batch, 0.1, 1, lambda run, k, beta, mb: seen.update(h=mb.h_teacher.clone()))
+    x_rows, cx_rows, _ = data.encode_batch(ENC, task, task.sample(None, 4), None)
+    for b in range(8):
+        m = batch.mask[b].bool()
+        assert_close(batch.old_logp[b][m], full_logp(model, x_rows[b // 2], batch.resp[b])[m])
+        want = response_hidden(model, torch.tensor([cx_rows[b // 2]]), batch.resp[b][None])[0]
+        assert_close(seen["h"][b][m], want[m])
+
+
+UPDATE_SCRIPT = r'''
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import sdpg, test_sdpg
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = test_sdpg.tiny_gpt(torch.float64)
+run = test_sdpg.update_run(model, rank, 2)
+sdpg.update(run, test_sdpg.uneven_batches(model)[rank], 0.3, 1, None)
+if rank == 0:
+    torch.save(model.state_dict(), sys.argv[2])
+del run
+import gc; gc.collect()
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+def uneven_batches(model):
+    """Two ranks' rollouts, of 2 groups of G = 2 each: rank 0's responses 2 tokens long, rank 1's 6."""
+    out = []
+    for r, n_tok in enumerate((2, 6)):
+        mb = double(fixed_rollouts(model, 4, seed=20 + r))
+        mb.mask[:, n_tok:] = 0
+        mb.mask[:, :n_tok] = 1
+        mb.adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+        out.append(mb)
+    return out
+
+
+def update_run(model, rank, world_size):  # a Run for update(): SGD, the current teacher, DDP if two ranks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    args = parse("--group_size", "2", "--num_minibatches", "1", "--alpha", "0.1", "--opd_gate", "all",
+                 "--device", "cpu")
+    run = make_run(model, args, rank=rank, world_size=world_size)
+    run.train_model = DDP(model) if world_size > 1 else model
+    run.optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    return run
+
+
+def test_ddp_updates_normalise_by_the_token_count_of_all_ranks(tmp_path):
+    """update() on two ranks whose responses are 2 and 6 tokens long ends with the weights of one
+    process updating on both ranks' rows at once: the token-mean is over the global mini-batch."""
+    one = tiny_gpt(torch.float64)
+    a, b = uneven_batches(one)
+    both = dataclasses.replace(a, **{k: torch.cat([getattr(a, k), getattr(b, k)]) for k, v in vars(a).items()
+                                     if torch.is_tensor(v) and k != "w_teacher"}, problems=a.problems + b.problems)
+    sdpg.update(update_run(one, 0, 1), both, 0.3, 1, None)
+    script = tmp_path / "update.py"
+    script.write_text(UPDATE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), HERE, str(tmp_path / "ddp.pt")], capture_output=True, text=True,
+                       timeout=120, env=env, cwd=HERE)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    start = tiny_gpt(torch.float64).state_dict()
+    assert any(not torch.equal(start[k], ddp[k]) for k in start)  # the step moved the weights
+    for k, v in one.state_dict().items():
+        assert_close(ddp[k], v, rtol=1e-9, atol=1e-12)

@@ -161,7 +161,7 @@ def loss_diagnostics(run, beta, mb):
         logp = chunked_token_logprobs(h, W, mb.resp.flatten(), tau)
         # each pair's other side from its own weights and head (pi_ref's, or the teacher's)
         x_pad = sdpg.per_prompt(mb.x_pad, G)
-        pairs = {"ref": (run.ref_model.score(mb.x[::G], mb.resp, G, x_pad).flatten(0, 1),
+        pairs = {"ref": (run.ref_model.shared_prefix_hidden(mb.x[::G], mb.resp, G, x_pad).flatten(0, 1),
                          run.ref_model.lm_head_weight)}
         if mb.h_teacher is not None:
             pairs["teacher"] = (mb.h_teacher.flatten(0, 1), mb.w_teacher)

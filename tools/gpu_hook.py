@@ -6,7 +6,7 @@ The PPO ratio of the first mini-batch of an RL step, before its update, in the r
 
 At that point the weights being trained are the ones that sampled the rollouts (pi_theta = pi_old),
 so r_t = exp(log pi_theta(y_t) - log pi_old(y_t)) is 1 up to the numerics of two passes: pi_old from
-the no-grad scoring pass (GPT.score, a KV cache, each prompt once) and pi_theta from the training
+the no-grad scoring pass (GPT.shared_prefix_hidden, a KV cache, each prompt once) and pi_theta from the training
 forward (response_hidden over the whole sequence), both under the run's autocast. In fp32 the ratio
 is 1 to about 1e-6; in bf16 its spread shows how many tokens the clip catches before the policy has
 moved at all. The fields go into that step's "rl" record of log.jsonl and are printed on one line:
@@ -93,7 +93,7 @@ def selftest():
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
         with torch.no_grad(), ctx:
             resp, mask = model.generate(prompts, L, 257, G, 1.0, gen)
-            h = model.score(prompts, resp, G)
+            h = model.shared_prefix_hidden(prompts, resp, G)
             old_logp = chunked_token_logprobs(h.flatten(0, 1), model.lm_head_weight, resp.flatten()).view(resp.shape)
         mask[::3, L // 2:] = 0  # some padding, whose old log-probs are garbage
         old_logp = torch.where(mask.bool(), old_logp, torch.full_like(old_logp, -1e4))

@@ -7,7 +7,7 @@ one cached warm start per seed and regime; markdown tables and a figure.
     python tools/study.py                         # the default regime: 6 arms x 5 seeds
     python tools/study.py --fp compatible --seeds 0 1 2   # the same under a second floating-point configuration
     python tools/study.py --regimes sparse strong --seeds 0 1 2   # RL from a student at 3% and at 40%
-    python tools/study.py --arms grpo rlsd opd    # baselines beyond the main six (EXTRA)
+    python tools/study.py --arms grpo rlsd distill    # baselines beyond the main six (EXTRA)
     python tools/study.py --report                # tables and figure again from results/study/*.jsonl
 
 Each run is `python tools/extras.py <regime flags> <arm flags> --seed S` (sdpg.py with the study's
@@ -58,7 +58,7 @@ ARMS = {  # name: flags on top of sdpg.py's defaults (beta 0.05, alpha 1e-3, urk
 EXTRA = {  # run on request with --arms
     "paper_ufkl": ["--recipe", "paper", "--kl_mode", "ufkl"],  # the paper's other reference penalty
     "rlsd": ["--algo", "rlsd"],  # the teacher reweights the advantage (its official script's clip)
-    "opd": ["--algo", "opd", "--recipe", "release"],  # the distillation term alone, no verifier
+    "distill": ["--algo", "distill", "--recipe", "release"],  # L_OPD and L_ref alone, no verifier
     "release_gated": ["--recipe", "release", "--opd_gate", "positive"],  # the release recipe with the gate
 }
 SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "strong": [0, 1, 2], "digits3": [0, 1, 2]}
@@ -275,7 +275,7 @@ def mechanism_table(runs, arms):
         if arm not in runs or "kl_teacher" not in runs[arm][next(iter(runs[arm]))]["rl"][0]:
             continue
         diag = [d for s in runs[arm].values() for d in s["diag"] if d.get("grad_norm_out", 0) > 0 and d.get("grad_norm_opd", 0) > 0]
-        if not diag:  # opd has no outcome term, beta 0 no distillation gradient
+        if not diag:  # distill has no outcome term, beta 0 no distillation gradient
             continue
         ratio = median([d["grad_norm_opd"] / d["grad_norm_out"] for d in diag])
         cos = median([d["grad_cos_out_opd"] for d in diag if "grad_cos_out_opd" in d])

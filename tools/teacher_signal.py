@@ -27,8 +27,8 @@ def signal_table(model, enc, task, a, b, resp, temperature=1.0, seed=0):
     x, cx, y = torch.tensor(student), torch.tensor(teacher), resp[None]
     W = model.lm_head_weight
     with torch.no_grad():
-        hs = model.score(x, y).flatten(0, 1)  # (Tr, H), the student view
-        ht = model.score(cx, y).flatten(0, 1)  # the teacher view, same tokens
+        hs = model.shared_prefix_hidden(x, y).flatten(0, 1)  # (Tr, H), the student view
+        ht = model.shared_prefix_hidden(cx, y).flatten(0, 1)  # the teacher view, same tokens
         logp = chunked_token_logprobs(hs, W, y.flatten(), temperature)  # the policy is softmax(z / T)
         logq = chunked_token_logprobs(ht, W, y.flatten(), temperature)
         kl = fused_reverse_kl(hs, ht, W, temperature)

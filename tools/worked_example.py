@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import sdpg  # noqa: E402
 from data import AdditionTask, decode_response, encode_batch, get_encoding  # noqa: E402
-from model import GPT, GPTConfig, chunked_token_logprobs, response_logits  # noqa: E402
+from model import GPT, GPTConfig, chunked_token_logprobs, response_hidden  # noqa: E402
 
 
 def worked_example(model, enc, task, problem, args, seed):
@@ -39,8 +39,8 @@ def worked_example(model, enc, task, problem, args, seed):
     adv = sdpg.group_advantages(rewards, G)
     W = model.lm_head_weight
     with torch.no_grad():
-        hs = model.score(x, resp, G)  # (G, Tr, H) student view
-        ht = model.score(cx, resp, G)  # teacher view, same tokens
+        hs = model.shared_prefix_hidden(x, resp, G)  # (G, Tr, H) student view
+        ht = model.shared_prefix_hidden(cx, resp, G)  # teacher view, same tokens
         logp = chunked_token_logprobs(hs.flatten(0, 1), W, resp.flatten(), T).view(resp.shape)
         logq = chunked_token_logprobs(ht.flatten(0, 1), W, resp.flatten(), T).view(resp.shape)
         kl = sdpg.full_vocab_reverse_kl(hs @ W.T / T, ht @ W.T / T)  # (G, Tr)
@@ -58,8 +58,8 @@ def worked_example(model, enc, task, problem, args, seed):
     # the stop-gradient: d KL / d theta through the student side (what SDPG uses) and through the
     # teacher side (what a loss without SG would add), on the tokens the gate keeps
     gate = (adv > 0).float()[:, None] * mask if args.opd_gate == "positive" else mask
-    zs = response_logits(model, mb.x, resp) / T
-    zt = response_logits(model, cx.repeat_interleave(G, 0), resp) / T
+    zs = response_hidden(model, mb.x, resp) @ model.lm_head_weight.T / T
+    zt = response_hidden(model, cx.repeat_interleave(G, 0), resp) @ model.lm_head_weight.T / T
     side = {}
     for name, (a, b) in {"student": (zs, zt.detach()), "teacher": (zs.detach(), zt)}.items():
         lp, lq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
