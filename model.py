@@ -228,8 +228,9 @@ def response_hidden(model, prompt, resp, n_pad=None):
 
 # -----------------------------------------------------------------------------
 # The lm_head in chunks: the training loss needs, per response token, the log-prob of the sampled
-# token, the entropy and the exact KL over the whole vocabulary, but never the (N, V) logits of all
-# N tokens at once (with V = 50k and N = 4k, one such fp32 tensor is 0.8 GB).
+# token, the entropy and the exact KL over the whole vocabulary, and need not hold the (N, V)
+# logits of all N tokens at once (at V = 50k and N = 4k one fp32 copy is 0.8 GB): they run the
+# head on chunk_rows rows at a time. At this task's V = 258 one chunk holds every row.
 
 def chunk_rows(chunk_size, vocab_size):
     """Rows per lm_head chunk: chunk_size, or for 0 about 24 MB of fp32 logits per chunk: 119 rows
@@ -313,8 +314,8 @@ class FusedReverseKL(torch.autograd.Function):
 def fused_reverse_kl(student_hidden, teacher_hidden, weight, temperature=1.0, chunk_size=0,
                      teacher_weight=None):
     """Per-token KL(softmax(student_hidden @ weight.T / tau) || SG softmax(teacher_hidden @ W_t.T
-    / tau)),
-    (N, H), (N, H), (V, H) -> (N,), never materialising an (N, V) tensor. W_t is teacher_weight,
+    / tau)), (N, H), (N, H), (V, H) -> (N,), one (chunk_rows, V) block of logits at a time (at
+    V = 258 one chunk holds every row; chunks matter at LLM vocabularies). W_t is teacher_weight,
     the teacher's own output matrix (a frozen teacher's differs), or weight when None. Gradients
     reach student_hidden and weight through the student side only. Equals full_vocab_reverse_kl
     on the two views' logits."""
