@@ -218,10 +218,10 @@ class GPT(nn.Module):
 
 def response_hidden(model, prompt, resp, n_pad=None):
     """Final hidden states (B, Tr, H) at the positions that predict each response token, for
-    either view: on the sequence prompt + resp, position Tp - 1 + t predicts resp[:, t]. The
-    student passes x as prompt and the teacher c + x; only this offset differs, so both score the
-    same tokens. n_pad (B,): the prompts' left padding (GPT.hidden). model may be DDP-wrapped
-    (the call goes through its forward)."""
+    either view: on the sequence prompt + resp, position Tp - 1 + t predicts resp[:, t]. Training
+    passes the student's x (the teacher's c + x goes through GPT.shared_prefix_hidden, the same
+    positions from a KV cache). n_pad (B,): the prompts' left padding (GPT.hidden). model may be
+    DDP-wrapped (the call goes through its forward)."""
     seq = torch.cat([prompt, resp[:, :-1]], dim=1)  # (B, Tp + Tr - 1)
     return model(seq, return_hidden=True, n_pad=n_pad)[:, prompt.size(1) - 1:]
 

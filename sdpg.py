@@ -10,7 +10,7 @@ y ~ student. At RL step k = 1..T the loss, a token-mean over the response tokens
              r_t = pi_theta(y_t) / pi_old(y_t),  A_i = (R_i - mean_G R) / (std_G R + eps)
     L_OPD  = [A_i > 0] * min(20, sum_a p_t(a) (log p_t(a) - log SG q_t(a)))   over every token a
     L_ref  = 0.5 * (log pi_theta(y_t) - log pi_ref(y_t))^2        (urkl; ufkl, rkl, fkl too)
-    beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay)
+    beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay)   (T_warm, T_decay: shares of T)
 
 Stage 1, a supervised warm start standing in for pretraining, teaches both views; stage 2 is RL
 under --recipe paper (the gate [A_i > 0], a beta triangle, clip 0.2/0.2) or release (no gate,
@@ -140,7 +140,7 @@ class Rollouts:
     n_tokens: float = 0.0                     # response tokens of the global mini-batch
 
     def rows(self, i, j, G):  # rows i to j-1, whole groups of G; each tensor but w_teacher has rows
-        f = {k: v[i:j] for k, v in vars(self).items() if torch.is_tensor(v) and k != "w_teacher"}
+        f = {n: v[i:j] for n, v in vars(self).items() if torch.is_tensor(v) and n != "w_teacher"}
         return dataclasses.replace(self, **f, problems=self.problems[i // G:j // G])
 
 def minibatch_loss(model, weight, mb, args, beta_k, world_size):
@@ -273,16 +273,15 @@ add("--kl_cap", type=nonneg, help=recipe_help("kl_cap", "per-token cap of the KL
 add("--alpha", type=nonneg, help=recipe_help("alpha", "weight of L_ref"))
 add("--kl_in_reward", type=nonneg, help=recipe_help("kl_in_reward", "k1 penalty in the reward"))
 
-def resolve(args, saved=None):
+def resolve(args, horizon=None):
     """Fill each recipe flag left at None from its row of RECIPES. beta_horizon is the schedule's
-    T: --rl_steps; for a resumed run (saved: its config) the T it ran with, unless a typed
-    --beta_warmup or --beta_decay changes the schedule, which then ends at the new --rl_steps."""
+    T: horizon, the T a resumed run ran with (main passes it unless --beta_warmup or --beta_decay
+    is typed: the schedule then ends at the new --rl_steps), or else --rl_steps."""
     for name, value in zip(RECIPE_FLAGS, RECIPES[args.algo if args.algo in RECIPES else
                                                   args.recipe]):
         if getattr(args, name) is None:
             setattr(args, name, value)
-    kept = saved and all(saved[k] == getattr(args, k) for k in ("beta_warmup", "beta_decay"))
-    args.beta_horizon = saved["beta_horizon"] if kept else args.rl_steps
+    args.beta_horizon = horizon or args.rl_steps
     return args
 
 # -----------------------------------------------------------------------------
@@ -360,9 +359,9 @@ def warm_start(run, train_model, stop):
             print0("interrupted during the warm start: nothing saved")
             return False, None
         if step % 100 == 0 or step == args.sft_steps:
-            loss_avg, t = all_sum(loss.detach().clone()).item() / run.world_size, time.time()
-            print0(f"sft {step}/{args.sft_steps} | loss {loss_avg:.4f} | {t - t_start:.0f}s")
-            run.log({"phase": "sft", "step": step, "loss": loss_avg, "time": t - t_start})
+            loss_avg, now = all_sum(loss.detach().clone()).item() / run.world_size, time.time()
+            print0(f"sft {step}/{args.sft_steps} | loss {loss_avg:.4f} | {now - t_start:.0f}s")
+            run.log({"phase": "sft", "step": step, "loss": loss_avg, "time": now - t_start})
         if args.sft_until > 0 and (step == next_check or step == args.sft_steps):
             student = evaluate(run, model, val_set, ("student",))[0]
             next_check = step + (1 if student >= args.sft_until / 2 else 10)
@@ -446,8 +445,8 @@ def sample_rollouts(run, n_prompts):
     rewards = torch.tensor(verify(run.enc, run.task, resp, problems, G), device=run.device)
     (x, x_pad), (cx, cx_pad) = (left_pad(rows, run.enc.eot_token, run.device)
                                 for rows in (x_rows, cx_rows))
-    x, cx, x_pad, cx_pad = (None if t is None else t.repeat_interleave(G, 0)  # per rollout
-                            for t in (x, cx, x_pad, cx_pad))
+    x, cx, x_pad, cx_pad = (None if v is None else v.repeat_interleave(G, 0)  # per rollout
+                            for v in (x, cx, x_pad, cx_pad))
     return Rollouts(problems, x, cx, resp, mask, resp == run.enc.eot_token, rewards, x_pad, cx_pad)
 
 def score_rollouts(run, batch, k):
@@ -550,8 +549,8 @@ def setup(args, task, ckpt, stop):
     run.model = model = GPT(GPTConfig(**model_args)).to(device)
     print0(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters | "
            f"vocab {run.enc.n_vocab} | device {device} | world {world_size}")
-    run.wrap = lambda m: DDP(m, device_ids=[local_rank] if use_cuda else None) \
-        if dist.is_initialized() else m  # the gradient passes: DDP averages gradients over ranks
+    run.wrap = lambda module: DDP(module, device_ids=[local_rank] if use_cuda else None) \
+        if dist.is_initialized() else module  # gradient passes: DDP averages gradients over ranks
     warm_start_cached(run, model_args, ckpt, stop)  # stage 1, or its cache in sft.pt
     run.ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref
     run.teacher_model = model if args.teacher == "current" else run.ref_model  # reads c + x
@@ -595,11 +594,12 @@ def main(argv=None, task=None, hook=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     ckpt = read_resume(args.resume) if args.resume else None
+    kept = ckpt and args.beta_warmup is None and args.beta_decay is None  # the schedule untyped
     if ckpt is not None:  # the run's own flags, then the typed ones, which win
         parser.error = lambda msg: die(f"--resume {args.resume}: its config: {msg}")
         args = parser.parse_args(saved_flags(ckpt["config"]) + argv)
         parser.error = die
-    args = resolve(args, ckpt["config"] if ckpt else None)
+    args = resolve(args, ckpt["config"]["beta_horizon"] if kept else None)
     try:
         task = task or AdditionTask(args.digits, args.eval_size)  # the task interface: data.py
     except ValueError as e:
