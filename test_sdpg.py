@@ -6,7 +6,6 @@ reference: float64 brute force, exact enumeration, a hand-worked case or the pap
 """
 import argparse
 import dataclasses
-import importlib.util
 import itertools
 import json
 import math
@@ -184,19 +183,6 @@ def test_chunked_log_probs_and_entropy_equal_the_full_logits(chunk_size):
 # -----------------------------------------------------------------------------
 # inside the loss: estimators, per-term gradients, pass@k
 
-def test_kl_estimators_expectations_by_exhaustive_enumeration():
-    """Under y ~ p, E[k1] = E[k3] = KL(p || q) exactly; E[k2] differs (it is biased)."""
-    torch.manual_seed(9)
-    zp, zq = 2 * torch.randn(7, dtype=torch.float64), 2 * torch.randn(7, dtype=torch.float64)
-    logp, logq = F.log_softmax(zp, -1), F.log_softmax(zq, -1)
-    exact = sdpg.full_vocab_reverse_kl(zp, zq)
-    k1, k2, k3 = extras.kl_estimators(logp, logq)  # one value per token y of the vocabulary
-    p = logp.exp()
-    assert_close((p * k1).sum(), exact)
-    assert_close((p * k3).sum(), exact)
-    assert abs((p * k2).sum() - exact) > 1e-3
-    assert (k3 >= 0).all() and (k1 < 0).any()
-
 
 @pytest.mark.parametrize("tau", [1.0, 0.7])
 def test_each_loss_term_equals_its_formula_on_the_full_logits_in_float64(tau):
@@ -234,28 +220,6 @@ def test_each_loss_term_equals_its_formula_on_the_full_logits_in_float64(tau):
     assert_close(sums["loss_opd"], ((a > 0) * kl.clamp(max=cap) * m).sum())
     logp_all = torch.log_softmax(z_s.detach(), -1)
     assert_close(sums["entropy"], (-(logp_all.exp() * logp_all).sum(-1) * m).sum())
-
-
-def test_loss_diagnostics_against_their_definitions():
-    """tools/extras.py: each term's gradient norm and the out/opd cosine from autograd on the terms;
-    the exact KL to a reference that is the model itself is 0, to the teacher it is the loss's KL."""
-    model = tiny_gpt(torch.float64)
-    mb = double(fixed_rollouts(model, 4, seed=12))
-    args = parse("--alpha", "0.2", "--opd_gate", "all")
-    args.group_size = 1  # every fixed rollout has its own prompt
-    n = mb.mask.sum().item()
-    mb = dataclasses.replace(mb, n_tokens=n)
-    diag = extras.loss_diagnostics(make_run(model, args), 0.3, mb)  # reference = the model itself
-    _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, 1)
-    params = list(model.parameters())
-    g = {k: torch.cat([x.flatten() for x in torch.autograd.grad(v, params, retain_graph=True)])
-         for k, v in terms.items()}
-    assert diag["exact_ref"] == pytest.approx(0, abs=1e-12) and diag["k1_ref"] == pytest.approx(0, abs=1e-12)
-    assert diag["exact_teacher"] == pytest.approx((sums["kl_teacher"] / n).item())
-    for k in ("out", "ref", "opd"):
-        assert diag[f"grad_norm_{k}"] == pytest.approx(g[k].norm().item())
-    cos = (g["out"] @ g["opd"] / (g["out"].norm() * g["opd"].norm())).item()
-    assert diag["grad_cos_out_opd"] == pytest.approx(cos)
 
 
 # -----------------------------------------------------------------------------
@@ -460,45 +424,6 @@ def test_student_view_never_holds_the_privileged_context():
     assert all(ENC.decode(s) == data.prompt_text(int(i), int(j)) for s, i, j in zip(student, a, b))
 
 
-def schoolbook_carries(a, b, digits):
-    """The carry into each column of a + b, least significant first, by adding column by column."""
-    carries, c = [0], 0
-    for i in range(digits):
-        c = (a // 10 ** i % 10 + b // 10 ** i % 10 + c) // 10
-        carries.append(c)
-    return carries
-
-
-def test_contexts_hand_worked_and_by_their_definitions():
-    # 7 + 96 = 103, answer '301' (reversed); 6 + 7 carries into the tens, 0 + 9 + 1 into the hundreds
-    assert extras.context_text("answer", 7, 96) == "301" and extras.context_text("hint", 7, 96) == "011"
-    assert extras.carry_text(7, 596, 3) == "0110"  # 603: carries out of the units and the tens only
-    rng = np.random.default_rng(0)
-    a, b = data.sample_problems(rng, 300, np.array([], dtype=np.int64), 3)
-    for i, j in zip(a.tolist(), b.tolist()):
-        y, hint = data.answer_text(i, j, 3), extras.carry_text(i, j, 3)
-        assert [int(ch) for ch in hint] == schoolbook_carries(i, j, 3)
-        # the hint is not the answer, but with it each digit is one column's sum mod 10
-        assert [(i // 10 ** k % 10 + j // 10 ** k % 10 + int(hint[k])) % 10 for k in range(3)] + [int(hint[3])] \
-            == [int(ch) for ch in y]
-        part = extras.context_text("partial", i, j, 3, rng)
-        assert part.count("?") == 2 and all(p in ("?", t) for p, t in zip(part, y))
-        assert extras.context_text("noisy", i, j, 3, rng, 0.0) == y
-        wrong = extras.context_text("noisy", i, j, 3, rng, 1.0)
-        assert len(wrong) == 4 and sum(p != t for p, t in zip(wrong, y)) == 1 and wrong.isdigit()
-        other = extras.context_text("irrelevant", i, j, 3, rng)
-        assert other != y and len(other) == 4 and int(other[::-1]) <= 2 * 999  # some problem's sum
-    # noise p: one digit wrong in a fraction p of the contexts (binomial, 4000 draws: 5 sigma is 0.036)
-    n_wrong = sum(extras.context_text("noisy", 12, 34, 2, rng, 0.3) != "64" + "0" for _ in range(4000))
-    assert abs(n_wrong / 4000 - 0.3) < 0.036
-    # every kind is the answer's length; an unknown kind or a stray noise is refused
-    for kind in extras.CONTEXTS:
-        assert len(extras.ContextTask(2, 10, kind).context((7, 96), np.random.default_rng(1))) == 3
-    for bad in (dict(context="oracle"), dict(context="answer", noise=0.1), dict(context="noisy", noise=1.5)):
-        with pytest.raises(ValueError):
-            extras.ContextTask(2, 10, **bad)
-
-
 def test_evaluation_draws_the_same_contexts_every_time(monkeypatch):
     """A noisy context on held-out problems is the same at every evaluation (fixed seed), so the
     teacher-view accuracy over training is measured on one fixed set of contexts."""
@@ -511,18 +436,6 @@ def test_evaluation_draws_the_same_contexts_every_time(monkeypatch):
     contexts = [ENC.decode(r[1:4].tolist()) for r in seen[1]]
     answers = [task.answer(p) for p in task.eval_set]
     assert 0 < sum(c != y for c, y in zip(contexts, answers)) < 40  # noisy, not all wrong
-
-
-def test_first_wrong_token_hand_worked():
-    eot = ENC.eot_token
-    target = torch.tensor([[51, 48, 49, eot]] * 4)  # '301' then end-of-text
-    resp = torch.tensor([[51, 48, 49, eot, eot],   # right: no wrong token
-                         [51, 57, 49, eot, eot],   # wrong at the second digit (the later one is right)
-                         [52, 57, 50, eot, eot],   # wrong from the first digit on
-                         [51, 48, eot, eot, eot]])  # stopped early: wrong at its end-of-text
-    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]).float()
-    got = extras.first_wrong(resp, mask, target)
-    assert got.int().tolist() == [[0, 0, 0, 0, 0], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 1, 0, 0]]
 
 
 def spy_on_generate(monkeypatch):
@@ -742,25 +655,6 @@ def test_frozen_teacher_uses_its_own_weights_and_head_against_float64_forwards()
     assert abs(hybrid.item() - loss.item()) > 0.05 * loss.item()
 
 
-def test_kl_location_logs_against_their_definitions():
-    """tools/extras.py kl_location: the KL's share on end-of-text tokens and on the first wrong
-    token, the KL per token of A > 0 rollouts and their token share, from the float64 KL."""
-    model = tiny_gpt(torch.float64)
-    mb = double(fixed_rollouts(model, 4, seed=11, eot_last=True))
-    args = parse()
-    args.group_size = 1  # every fixed rollout has its own prompt
-    got = extras.kl_location(make_run(model, args), mb)
-    m = mb.mask
-    kl = brute_force_kl(response_logits(model, mb.x, mb.resp), mb.h_teacher @ model.lm_head_weight.T) * m
-    target = torch.tensor([data.encode_chars(ENC, data.answer_text(*p)) + [ENC.eot_token] for p in mb.problems])
-    wrong = extras.first_wrong(mb.resp, m, target)
-    pos = (mb.adv > 0).double()[:, None] * m
-    assert got["eot_kl_share"] == pytest.approx(((kl * mb.is_eot).sum() / kl.sum()).item())
-    assert got["wrong_kl_share"] == pytest.approx(((kl * wrong).sum() / kl.sum()).item())
-    assert got["kl_teacher_pos"] == pytest.approx(((kl * pos).sum() / pos.sum()).item())
-    assert got["tokens_pos"] == pytest.approx((pos.sum() / m.sum()).item())
-
-
 def test_rlsd_advantages_hand_worked():
     """A_t = (1 - lam) A + lam A clip(exp(sign(A) delta_t), 0.8, 1.2), delta_t = log q(y_t) - log pi_old(y_t)."""
     adv = torch.tensor([2.0, -1.0, 0.0])
@@ -932,6 +826,10 @@ def test_resume_keeps_the_schedule_of_the_run_it_continues(tmp_path, monkeypatch
     last = phase(read_log(out), "resume")[-1]
     assert last["changed"] == {"rl_steps": [8, 10], "beta_decay": [7 / 8, 0.5], "beta_horizon": [4, 10]}
     assert last["schedule"] == {"warmup": 1.25, "decay": 5.0, "horizon": 10}
+    # typed with the value it already has, a schedule flag still sets the schedule anew
+    p = run_main(monkeypatch, capsys, ["--rl_steps", "12", "--beta_warmup", "0.125", "--resume", ckpt])
+    assert p.returncode == 0 and "the schedule ends at step 12" in p.stdout, p.stdout
+    assert phase(read_log(out), "resume")[-1]["schedule"] == {"warmup": 1.5, "decay": 6.0, "horizon": 12}
 
 
 def test_a_resume_with_only_resume_and_rl_steps_continues_the_run_it_names(tmp_path, monkeypatch, capsys):
@@ -1102,17 +1000,6 @@ def test_mean_at_n_and_its_interval_against_numpy_and_the_training_streams_stay(
 ])
 def test_bad_flags_exit_nonzero_with_one_line(flags, needle, tmp_path, monkeypatch, capsys):
     p = run_main(monkeypatch, capsys, ["--out_dir", str(tmp_path)] + flags)  # a later --out_dir wins
-    assert one_line_error(p, needle), p.stderr
-
-
-@pytest.mark.parametrize("flags, needle", [(["--context", "oracle"], "context"),
-                                           (["--context_noise", "0.2"], "context_noise"),
-                                           (["--context", "noisy", "--context_noise", "1.5"], "context_noise"),
-                                           (["--task", "chain", "--context", "hint"], "context"),
-                                           (["--task", "chain", "--context_noise", "0.1"], "context_noise"),
-                                           (["--task", "chain", "--eval_size", "0"], "eval_size")])
-def test_bad_extras_flags_exit_nonzero_with_one_line(flags, needle, tmp_path, monkeypatch, capsys):
-    p = run_main(monkeypatch, capsys, TINY + ["--out_dir", str(tmp_path)] + flags, entry=extras.main)
     assert one_line_error(p, needle), p.stderr
 
 
@@ -1660,201 +1547,6 @@ def test_a_task_of_your_own_trains_end_to_end(tmp_path, monkeypatch):
     assert rollout_prompts and all(len(t) == 5 and t.endswith("=") and set(t[:4]) <= set("abcdefgh") for t in rollout_prompts)
 
 
-def test_plot_draws_a_png_and_rejects_a_non_log(tmp_path):
-    pytest.importorskip("matplotlib")
-    import plot
-    out = plot.plot([os.path.join(HERE, "results", "sdpg_default_cpu.jsonl")], str(tmp_path / "curves.png"))
-    with open(out, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="not"):
-        plot.read_log(os.path.join(HERE, "README.md"))
-
-
-def test_plot_summary_tables_match_the_log(tmp_path):
-    """--summary: the evaluation row and the first-ten-steps mean, from a made-up log worked by hand."""
-    import plot
-    path = tmp_path / "log.jsonl"
-    rl = [{"phase": "rl", "step": k, "reward": k / 20, "dt": 0.1 * k} for k in range(1, 21)]
-    evals = [{"phase": "eval", "step": k, "eval_acc": 0.25 + k / 100, "teacher_acc": 1.0} for k in (0, 20)]
-    path.write_text("\n".join(json.dumps(r) for r in [{"phase": "config"}, evals[0], *rl, evals[1]]))
-    md = plot.summary(str(path))
-    assert "| `eval_acc` (student, greedy) | 0.250 | 0.450 |" in md
-    assert "| `reward` | 0.275 | 0.775 |" in md  # mean of 1..10 / 20 and of 11..20 / 20
-    assert "median RL step 1.100 s" in md  # the upper median of 0.1 .. 2.0
-
-
-def test_worked_example_numbers_agree_with_each_other(tmp_path):
-    """tools/worked_example.py: advantages sum to 0 in the group, only A > 0 rows are distilled, and the
-    distillation term is beta times the gated per-token KLs of the table over the group's tokens."""
-    import worked_example
-    model = tiny_gpt()
-    args = parse("--group_size", "4")
-    task = data.AdditionTask(eval_size=1)
-    ex = worked_example.worked_example(model, ENC, task, (7, 96), args, seed=0)
-    advs = [r["adv"] for r in ex["rollouts"]]
-    assert sum(advs) == pytest.approx(0, abs=1e-5) and len(advs) == 4
-    gated = sum(t["kl"] for r in ex["rollouts"] if r["gated_in"] for t in r["tokens"])
-    assert all(r["gated_in"] == (r["adv"] > 0) for r in ex["rollouts"])
-    assert ex["terms"]["opd"] == pytest.approx(args.beta * min(gated, 1e9) / ex["n_tokens"], rel=1e-4)
-    assert "| 0 |" in worked_example.markdown(ex, args)
-    if importlib.util.find_spec("matplotlib"):  # the same group as one picture
-        path = worked_example.figure(ex, args, str(tmp_path / "group.png"))
-        with open(path, "rb") as f:
-            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-
-
-def test_teacher_signal_table_matches_full_forwards():
-    import teacher_signal
-    model = tiny_gpt(torch.float64)
-    student, teacher, targets = encode([7], [96], 2)
-    y = torch.tensor(targets[0])
-    rows = teacher_signal.signal_table(model, ENC, data.AdditionTask(2, eval_size=1), 7, 96, y)
-    zs = response_logits(model, torch.tensor(student), y[None])[0]  # (Tr, V)
-    zt = response_logits(model, torch.tensor(teacher), y[None])[0]
-    assert [r[0] for r in rows] == ["3", "0", "1", "<eot>"]
-    for t, (_, p, q, kl) in enumerate(rows):
-        assert p == pytest.approx(zs[t].softmax(-1)[y[t]].item())
-        assert q == pytest.approx(zt[t].softmax(-1)[y[t]].item())
-        assert kl == pytest.approx(sdpg.full_vocab_reverse_kl(zs[t], zt[t]).item())
-
-
-def test_study_table_against_hand_computed_seed_statistics(tmp_path):
-    """Two arms x two seeds of made-up curves: mean +- sample std, steps to target, and the gaps to
-    GRPO of the same seed, worked by hand."""
-    import study
-    curves = {("grpo", 0): [0.1, 0.2, 0.3], ("grpo", 1): [0.1, 0.3, 0.5],
-              ("paper_urkl", 0): [0.1, 0.4, 0.5], ("paper_urkl", 1): [0.1, 0.3, 0.4]}
-    for (arm, seed), accs in curves.items():  # sdpg.py logs, as the runs leave them
-        os.makedirs(tmp_path / "default" / f"{arm}_s{seed}")
-        with open(tmp_path / "default" / f"{arm}_s{seed}" / "log.jsonl", "w") as f:
-            f.write(json.dumps({"phase": "config", "eval_size": 1000, "rl_steps": 10}) + "\n")
-            rl = {"phase": "rl", "step": 10, "entropy": 0.5, "reward": 0.3}
-            if arm == "paper_urkl":  # a diagnostic step: distillation gradient a quarter of the outcome one
-                rl.update(kl_teacher=2.0, loss_opd=0.5, grad_norm_out=2.0, grad_norm_opd=0.5, grad_cos_out_opd=0.5)
-            f.write(json.dumps(rl) + "\n")
-            for i, acc in enumerate(accs):
-                f.write(json.dumps({"phase": "eval", "step": 5 * i, "eval_acc": acc, "teacher_acc": 1.0}) + "\n")
-    path = study.collect("default", str(tmp_path), str(tmp_path))
-    md = study.table(study.load(path), 0.4, ["grpo", "paper_urkl"])
-    grpo, sdpg = (line for line in md.splitlines() if line.startswith(("| grpo", "| paper")))
-    s = math.sqrt(2 * 0.1 ** 2)  # sample std of two values 0.2 apart
-    assert grpo.split(" | ")[2:5] == [f"0.400 ± {s:.3f}", f"0.400 ± {s:.3f}", "10 (1/2 seeds)"]
-    # sdpg: final 0.5, 0.4; reaches 0.4 at steps 5 and 10; at step 2 (20% of 10) the nearest
-    # evaluation is step 0: gaps 0, 0; final gaps 0.5 - 0.3 = 0.2 and 0.4 - 0.5 = -0.1
-    assert "| paper_urkl | 0.250 | 0.50 | 0.250 |" in study.mechanism_table(study.load(path), ["grpo", "paper_urkl"])
-    cells = sdpg.split(" | ")
-    assert cells[2:7] == [f"0.450 ± {math.sqrt(0.005):.3f}", f"0.450 ± {math.sqrt(0.005):.3f}", "8 (2/2 seeds)",
-                          "0.000 ± 0.000", f"0.050 ± {math.sqrt(0.045):.3f}"]
-
-
-def test_study_landing_and_claims_tables_by_hand(tmp_path):
-    """Two warm starts and two arms x two seeds under two floating-point configurations, made up:
-    where each warm start landed (step, held-out accuracy at RL step 0, distance to the bar), and
-    the paired gaps side by side with how many seeds are ahead, worked by hand."""
-    import study
-    finals = {"default": {("grpo", 0): 0.3, ("grpo", 1): 0.5, ("release", 0): 0.5, ("release", 1): 0.4},
-              "compatible": {("grpo", 0): 0.4, ("grpo", 1): 0.4, ("release", 0): 0.6, ("release", 1): 0.5}}
-    for fp, runs in finals.items():
-        root = tmp_path / fp
-        for seed, (stop, start) in enumerate([(176, 0.21), (190, 0.17)]):
-            os.makedirs(root / "default" / f"warm_s{seed}")
-            with open(root / "default" / f"warm_s{seed}" / "log.jsonl", "w") as f:
-                for r in ({"phase": "config", "eval_size": 1000, "rl_steps": 0},
-                          {"phase": "sft", "step": 100, "loss": 0.5},
-                          {"phase": "sft", "step": stop, "val_acc": 0.2, "val_teacher_acc": 1.0},
-                          {"phase": "eval", "step": 0, "eval_acc": start, "teacher_acc": 1.0}):
-                    f.write(json.dumps(r) + "\n")
-        for (arm, seed), acc in runs.items():
-            os.makedirs(root / "default" / f"{arm}_s{seed}")
-            with open(root / "default" / f"{arm}_s{seed}" / "log.jsonl", "w") as f:
-                for r in ({"phase": "config", "eval_size": 1000, "rl_steps": 10},
-                          {"phase": "rl", "step": 10, "entropy": 0.5, "reward": 0.3},
-                          {"phase": "eval", "step": 0, "eval_acc": 0.2, "teacher_acc": 1.0},
-                          {"phase": "eval", "step": 10, "eval_acc": acc, "teacher_acc": 1.0}):
-                    f.write(json.dumps(r) + "\n")
-        study.collect("default", str(root), str(tmp_path), fp)
-    assert sorted(os.listdir(tmp_path))[:2] == ["compatible", "default"]
-    assert {r["seed"]: (r["sft_steps"], r["eval_acc"]) for r in study.load_warm(
-        str(tmp_path / "default_compatible.jsonl")).values()} == {0: (176, 0.21), 1: (190, 0.17)}
-    assert "warm" not in study.load(str(tmp_path / "default.jsonl"))  # the arms alone
-    landing = study.landing_table("default", str(tmp_path), ["default", "compatible"])
-    assert "largest distance from the bar 0.030" in landing  # |0.17 - 0.2|
-    assert "| compatible | 0, 1 | 0.210 (176), 0.170 (190) |" in landing
-    claims = study.claims_table([("default", "default"), ("default", "compatible")], str(tmp_path))
-    row = next(line for line in claims.splitlines() if line.startswith("| release recipe - official"))
-    # default: gaps 0.2 and -0.1 (mean 0.05, std sqrt(0.045)); compatible: 0.2 and 0.1
-    assert row.split(" | ")[1:] == [f"+0.050 ± {math.sqrt(0.045):.3f} (1/2 ahead)",
-                                    f"+0.150 ± {math.sqrt(0.005):.3f} (2/2 ahead) |"]
-    assert "| paper recipe - official GRPO, final | - | - |" in claims  # no paper arm: no claim
-
-
-def finished_process(started, tail=lambda out: [{"phase": "eval", "step": 0}]):
-    """A stand-in for subprocess.Popen in study.run_all: a process that has already finished, its
-    log written (a config record, then tail(out_dir)) and its sft.pt in place; started collects
-    each (out_dir, env)."""
-    class Done:
-        returncode = 0
-
-        def __init__(self, cmd, stdout, stderr, env):
-            out = cmd[cmd.index("--out_dir") + 1]
-            started.append((out, env))
-            stdout.write("warm start: reusing sft.pt\n")
-            with open(os.path.join(out, "log.jsonl"), "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in [{"phase": "config", "rl_steps": 0}] + tail(out)))
-            open(os.path.join(out, "sft.pt"), "w").close()
-
-        def poll(self):
-            return 0
-    return Done
-
-
-def test_study_runs_each_process_under_its_named_floating_point_configuration(tmp_path, monkeypatch):
-    """--fp NAME: every warm start and run gets FLOAT_CONFIGS[NAME]'s variables on top of one
-    thread each; the default configuration adds nothing."""
-    import study
-    seen = []
-    monkeypatch.setattr(study.subprocess, "Popen", finished_process(seen))
-    monkeypatch.setattr(study.time, "sleep", lambda s: None)
-    for fp in ("compatible", "default"):
-        seen.clear()
-        study.run_all(["default"], [0], ["grpo"], 1, str(tmp_path / fp), [], fp=fp)
-        assert [os.path.basename(out) for out, _ in seen] == ["warm_s0", "grpo_s0"]
-        for _, env in seen:
-            assert env["OMP_NUM_THREADS"] == "1"
-            assert env.get("MKL_CBWR") == ("COMPATIBLE" if fp == "compatible" else os.environ.get("MKL_CBWR"))
-    assert study.FLOAT_CONFIGS["threads2"]["OMP_NUM_THREADS"] == "2"
-
-
-def test_contexts_summary_against_hand_computed_gaps_and_shares():
-    """tools/contexts.py on made-up runs of one context, two seeds: the gaps are paired on the seed at
-    step 40 and at the end; the KL share on the first wrong token is weighted by each step's KL; the
-    A>0 ratio is the mean over steps with A>0 tokens of their KL per token, over the mean KL per token."""
-    import contexts
-
-    def run(accs, teacher=0.8, rl=()):
-        ev = [{"step": st, "eval_acc": a, "teacher_acc": teacher} for st, a in zip((0, 40, 200), accs)]
-        return {"config": {}, "eval": ev, "rl": list(rl) or [{"entropy": 0.5}]}
-    sig = [{"kl_teacher": 1.0, "wrong_kl_share": 0.5, "kl_teacher_pos": 0.4, "tokens_pos": 0.2},
-           {"kl_teacher": 3.0, "wrong_kl_share": 0.1, "kl_teacher_pos": 0.0, "tokens_pos": 0.0}]
-    runs = {"noise0.3": {"grpo": {0: run([0.2, 0.3, 0.5]), 1: run([0.3, 0.4, 0.6])},
-                         "release": {0: run([0.2, 0.35, 0.55], rl=sig), 1: run([0.3, 0.38, 0.7], rl=sig)},
-                         "release_beta0": {1: run([0.3, 0.4, 0.65])}}}
-    c = contexts.summarize(runs)["noise0.3"]
-    assert c["gaps"][("release", "grpo")]["early"] == pytest.approx([0.05, -0.02])
-    assert c["gaps"][("release", "grpo")]["final"] == pytest.approx([0.05, 0.1])
-    assert c["gaps"][("release", "release_beta0")]["final"] == pytest.approx([0.05])  # seed 1 only
-    assert ("paper_urkl", "grpo") not in c["gaps"]
-    r = c["arms"]["release"]
-    assert r["kl"] == pytest.approx([2.0, 2.0])  # (1 + 3) / 2 steps
-    assert r["wrong_share"] == pytest.approx([(0.5 * 1 + 0.1 * 3) / 4] * 2)
-    assert r["pos_ratio"] == pytest.approx([0.4 / 2.0] * 2)  # only the first step had A>0 tokens
-    md = contexts.tables(contexts.summarize(runs), 2)
-    # gaps to GRPO: early 0.05, -0.02 (mean 0.015, std 0.049), final 0.05, 0.1; to beta 0: -0.02, 0.05
-    assert ("| noise0.3 | 0.800 ± 0.000 | 0.550 ± 0.071 | +0.015 ± 0.049 / +0.075 ± 0.035 | "
-            "-0.020 ± 0.000 / +0.050 ± 0.000 |") in md
-    assert "release - release beta 0" in md and "paper - GRPO" not in md
-
-
 # -----------------------------------------------------------------------------
 # mixed precision and compile (model.py)
 
@@ -2101,24 +1793,6 @@ def test_bfloat16_on_cpu_runs_and_its_warm_start_is_not_reused_in_float32(tmp_pa
     assert [r["kl_teacher"] for r in log32 if r["phase"] == "rl"] != [r["kl_teacher"] for r in rl16]  # bf16 did run
 
 
-def test_gradient_cosine_is_float32_under_autocast():
-    """loss_diagnostics runs inside the bf16 autocast on a GPU; the gradients' norms and cosine must
-    still be fp32, not a bf16 dot product (CPU autocast lowers a dot product in the same way)."""
-    model = tiny_gpt(torch.float32)
-    mb = fixed_rollouts(model, 8, seed=3)
-    args = parse("--alpha", "0.2", "--opd_gate", "all")
-    args.group_size = 1  # every fixed rollout has its own prompt
-    params = list(model.parameters())
-    mb = dataclasses.replace(mb, n_tokens=mb.mask.sum().item())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, 1)
-        diag = extras.loss_diagnostics(make_run(model, args, ctx=torch.autocast("cpu", dtype=torch.bfloat16)), 0.3, mb)
-    g = {k: torch.cat([x.flatten() for x in torch.autograd.grad(terms[k], params, retain_graph=True)]).double()
-         for k in ("out", "opd")}
-    assert diag["grad_cos_out_opd"] == pytest.approx((g["out"] @ g["opd"] / (g["out"].norm() * g["opd"].norm())).item(), abs=1e-6)
-    assert diag["grad_norm_out"] == pytest.approx(g["out"].norm().item(), rel=1e-6)
-
-
 class AskedStop:
     """Stands in for StopRequest: counts how often the warm start asks, answers `answer`."""
 
@@ -2189,30 +1863,6 @@ def test_left_padded_rows_equal_their_unpadded_sequences():
         assert_close(g, sum(gr[i] for gr in g_rows), rtol=1e-10, atol=1e-12)
 
 
-def test_chain_task_hand_worked():
-    task = chain.ChainTask(eval_size=200, context="answer")
-    p = (3, 7, 5, 2)  # running sums 3, 0, 5, 7
-    assert task.prompt(p) == "3752=" and task.answer(p) == "33705527>7" and task.context(p, None) == "7"
-    assert chain.ChainTask(eval_size=5, context="derivation").context(p, None) == "33705527>7"
-    for text, reward, right in (("33705527>7", 1, True), ("33715527>7", 1, False),  # a lucky slip
-                                ("33705528>8", 0, False), (">7", 1, False), ("337055277", 0, False),
-                                ("33705527>7>8", 0, False), ("33705527>77", 0, True)):
-        assert task.reward(text, p) == reward and task.derivation_right(text, p) is right, text
-    assert {len(q) for q in task.eval_set} == {3, 4, 5} and len(set(task.eval_set)) == 200
-    train = task.sample(np.random.default_rng(0), 2000)
-    assert not set(train) & set(task.eval_set) and {len(q) for q in train} == {3, 4, 5}
-    with pytest.raises(ValueError, match="--context"):
-        chain.ChainTask(context="hint")
-
-
-def test_answer_tokens_hand_worked():
-    gt = ENC.encode_single_token(">")
-    resp = torch.tensor([[1, gt, 2, gt, 3, 256], [1, 2, 3, 256, 256, 256], [gt, 4, 256, 256, 256, 256]])
-    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]).float()
-    assert chain.answer_tokens(resp, mask, gt).int().tolist() == [
-        [0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
-
-
 def test_sft_batch_pads_prompts_of_different_lengths_on_the_right():
     """Each row is its prompt (x, or c + x), the reference response, then end-of-text padding;
     the labels are the response at the positions that predict it, -1 elsewhere."""
@@ -2229,43 +1879,6 @@ def test_sft_batch_pads_prompts_of_different_lengths_on_the_right():
         n = len(prompt) + len(y) - 1
         assert seq[:n] == prompt + y[:-1] and set(seq[n:]) <= {ENC.eot_token}
         assert lab == [-1] * (len(prompt) - 1) + y + [-1] * (len(seq) - n)
-
-
-def test_chain_metrics_against_hand_counts_and_brute_force_kl():
-    """deriv_acc, won_frac and lucky_frac over scripted rollouts, and the KL per token of each part
-    (derivation, answer) and each kind of rollout (rewarded, not) against the full-vocabulary KL."""
-    model = tiny_gpt(torch.float64)
-    model.config.block_size = 64
-    model.wpe = torch.nn.Embedding(64, 32).double()
-    task = chain.ChainTask(eval_size=10, context="answer")
-    problems = [(3, 7, 5, 2), (1, 2, 3, 4, 5)]  # answers 7 and 5
-    texts = ["33705527>7", "33715527>7", "11334>5", "1123364055>5"]  # right, lucky, lucky, right
-    G = 2
-    resp = [data.encode_chars(ENC, t) + [ENC.eot_token] for t in texts]
-    L = max(map(len, resp))
-    mask = torch.tensor([[1.0] * len(r) + [0.0] * (L - len(r)) for r in resp])
-    resp = torch.tensor([r + [ENC.eot_token] * (L - len(r)) for r in resp])
-    student, teacher, _ = data.encode_batch(ENC, task, problems, None)
-    (x, x_pad), (cx, cx_pad) = padded(student), padded(teacher)
-    rep = lambda t: None if t is None else t.repeat_interleave(G, 0)  # noqa: E731
-    mb = sdpg.Rollouts(problems, rep(x), rep(cx), resp, mask, resp == ENC.eot_token,
-                       torch.tensor([1.0, 1.0, 1.0, 0.0]), rep(x_pad), rep(cx_pad))
-    mb.h_teacher = model.shared_prefix_hidden(cx, resp, G, cx_pad)
-    mb.w_teacher = model.lm_head_weight.detach()
-    args = parse("--group_size", str(G))
-    got = chain.chain_metrics(make_run(model, args, task), mb)
-    assert (got["deriv_acc"], got["won_frac"], got["lucky_frac"]) == (0.5, 0.75, 0.5)
-    kl = brute_force_kl(response_logits(model, mb.x, resp, mb.x_pad), mb.h_teacher @ model.lm_head_weight.T)
-    gt = ENC.encode_single_token(">")
-    ans = torch.zeros_like(mask)
-    for i, t in enumerate(texts):
-        ans[i, t.rindex(">"):len(t) + 1] = 1  # the marker, the digit, the end-of-text
-    won = torch.tensor([1.0, 1.0, 1.0, 0.0])[:, None]
-    for name, part, rows in (("kl_deriv_pos", mask - ans, won), ("kl_deriv_neg", mask - ans, 1 - won),
-                             ("kl_ans_pos", ans, won), ("kl_ans_neg", ans, 1 - won)):
-        w = part * rows
-        assert got[name] == pytest.approx(((kl * w).sum() / w.sum()).item(), rel=1e-9), name
-    assert chain.answer_tokens(resp, mask, gt).float().equal(ans)
 
 
 def test_a_chain_run_with_prompts_of_different_lengths(tmp_path, monkeypatch):
@@ -2294,60 +1907,6 @@ def test_a_chain_run_with_prompts_of_different_lengths(tmp_path, monkeypatch):
         assert final[0] == {"phase": "chain", "step": 3, **chain.greedy_metrics(run, False)}
         assert final[0]["greedy_acc"] == phase(log, "eval")[-1]["eval_acc"]
     assert any(p is not None and p.max() > 0 for p in pads)
-
-
-def test_chain_study_tables_against_hand_computed_shares_and_gaps():
-    """The lucky share of a window is sum lucky_frac / sum won_frac, and a gap row is the mean of
-    the per-seed differences of the final greedy accuracies."""
-    def run(arm, seed, acc, won, luck):
-        rl = [{"step": k + 1, "reward": won, "deriv_acc": 0.1, "won_frac": won, "lucky_frac": luck} for k in range(12)]
-        rl[0]["lucky_frac"], rl[-1]["won_frac"] = 0.0, 2 * won  # step 1 in the first window only, step 12 in the last
-        greedy = [{"step": 0, "greedy_acc": 0.3, "greedy_deriv_acc": 0.1, "greedy_lucky_share": 0.6},
-                  {"step": 12, "greedy_acc": acc, "greedy_deriv_acc": acc / 2, "greedy_lucky_share": 0.4}]
-        return {"arm": arm, "seed": seed, "eval": [{"step": 12, "eval_acc": acc, "teacher_acc": 0.9}], "rl": rl,
-                "greedy": greedy, "warm": {"sft_steps": 900, "val_acc": 0.3}}
-    runs = {"grpo": {0: run("grpo", 0, 0.40, 0.4, 0.2), 1: run("grpo", 1, 0.50, 0.4, 0.2)},
-            "release": {0: run("release", 0, 0.46, 0.4, 0.1), 1: run("release", 1, 0.52, 0.4, 0.1)}}
-    assert chain.lucky(runs["grpo"][0]["rl"], True) == pytest.approx((9 * 0.2) / (10 * 0.4))
-    assert chain.lucky(runs["grpo"][0]["rl"], False) == pytest.approx((10 * 0.2) / (9 * 0.4 + 0.8))
-    md = chain.tables(runs, "answer")
-    row = next(line for line in md.splitlines() if line.startswith("| release - grpo |"))
-    gaps = [0.06, 0.02]  # 0.46 - 0.40, 0.52 - 0.50
-    mean, std = sum(gaps) / 2, float(np.std(gaps, ddof=1))
-    lucky_gap = (10 * 0.1) / (9 * 0.4 + 0.8) - (10 * 0.2) / (9 * 0.4 + 0.8)
-    assert row == f"| release - grpo | 2 | {mean:.3f} ± {std:.3f} | {mean / 2:.3f} ± {std / 2:.3f} | " \
-                  f"{lucky_gap:.3f} ± 0.000 | 2/2 |"
-    assert "seed 0 900 steps, val acc 0.3" in md
-
-
-def test_study_leaves_out_a_seed_whose_warm_start_fell_short(tmp_path, monkeypatch, capsys):
-    """study.reached reads the warm start's log: a 'reached': False record (sdpg.shortfall's)
-    leaves the seed out, with a line; a warm start that stopped at its bar keeps it. run_all (of
-    study.py, contexts.py and chain.py) then runs no arm of the seed that fell short."""
-    import study
-
-    def warm(name, records):
-        d = tmp_path / name
-        d.mkdir(parents=True)
-        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        return str(d)
-    config = {"phase": "config", "rl_steps": 0}
-    landed = warm("warm_s0", [config, {"phase": "sft", "step": 551, "val_acc": 0.3}])
-    short = warm("warm_s4", [config, {"phase": "sft", "step": 2000, "loss": 0.15},
-                             {"phase": "sft", "reached": False, "val_acc": 0.166}])
-    assert study.reached(landed) and capsys.readouterr().out == ""
-    assert not study.reached(short)
-    assert "short of its bar (val acc 0.166): this seed is left out" in capsys.readouterr().out
-    started = []
-
-    def tail(out):  # seed 4's warm start falls short
-        return [{"phase": "sft", "reached": False, "val_acc": 0.1}] if out.endswith("warm_s4") \
-            else [{"phase": "eval", "step": 0}]
-    monkeypatch.setattr(study.subprocess, "Popen", finished_process(started, tail))
-    monkeypatch.setattr(study.time, "sleep", lambda s: None)
-    study.run_all(["default"], [0, 4], ["grpo", "release"], 1, str(tmp_path / "grid"), [])
-    assert [os.path.basename(out) for out, _ in started] == ["warm_s0", "warm_s4", "grpo_s0", "release_s0"]
-    assert capsys.readouterr().out.count("this seed is left out") == 1
 
 
 # -----------------------------------------------------------------------------
