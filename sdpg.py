@@ -18,7 +18,7 @@ constant beta, clip 0.2/0.28): RECIPES below. A typed flag wins; log.jsonl holds
 
 Deliberate choices:
  1. The teacher is the current model, recomputed without gradient in every mini-batch, as the
-    official code does (--teacher frozen reads c with pi_ref instead, its own head included).
+    official code does (--teacher frozen: pi_ref reads c, head included; ema: an EMA of the model).
  2. pi_ref is a frozen copy of the warm start; pi_old, the weights that sampled, gives the ratio.
  3. Every term is a token-mean over the response tokens of the global mini-batch (all ranks);
     gated-out rollouts count with zero loss. (Official: per micro-batch, close at LLM scale.)
@@ -58,8 +58,7 @@ from data import AdditionTask, encode_batch, get_encoding, left_pad, sft_batch, 
 from model import GPT, GPTConfig, chunked_entropy, chunked_token_logprobs, fused_reverse_kl, \
     response_hidden
 
-# -----------------------------------------------------------------------------
-# the terms of the loss, one function each
+# ---- the terms of the loss, one function each ---------------------------------------------------
 
 def group_advantages(rewards, group_size, eps=1e-6):
     """A_i = (R_i - mean_G R) / (std_G R + eps), torch.std (unbiased), eps outside the root.
@@ -188,8 +187,7 @@ def minibatch_loss(model, weight, mb, args, beta_k, world_size):
         sums = {name: (v.detach() * mask).sum() for name, v in metrics.items()}
     return sum(terms.values()), sums, terms
 
-# -----------------------------------------------------------------------------
-# config: every flag in one block; --help shows the value each recipe sets
+# ---- config: every flag in one block; --help shows the value each recipe sets -------------------
 
 # What --recipe sets, unless the flag is typed; --algo grpo and rlsd use their own row, as their
 # official scripts do. T_warm and T_decay are fractions of T (--rl_steps): 50 and 350 of 400.
@@ -200,14 +198,14 @@ RECIPES = {  # gate   T_warm/T T_decay/T eps_low eps_high dual_clip kl_cap alpha
     "release": ("all",      0.0,   0.0,      0.2,    0.28,    10.0,     20.0,  1e-3, 0.0),
     "grpo":    ("all",      0.0,   0.0,      0.2,    0.2,     1000.0,   20.0,  0.0,  1e-3),
     "rlsd":    ("all",      0.0,   0.0,      0.2,    0.2,     3.0,      20.0,  0.0,  0.0)}
-# paper: section 4.1 (the gate, the triangle, clip 0.2/0.2); dual clip and cap, on which it is
-#   silent, as released. release: run_qwen3_4b_sdpg_boxed.sh:42-48 (beta, alpha, no schedule, no
-#   gate), :60-61 (clip), :152 (dual clip); the cap dp_actor.py:632. grpo: run_qwen3_4b_grpo_
-#   original_boxed.sh:35-43 (dual clip 1000: none; no L_ref; a k1 penalty in the reward). rlsd:
-#   run_qwen3_4b_rlsd_boxed.sh, which keeps verl's actor.yaml:36-42, 112.
+# paper: section 4.1 (gate, triangle, clip 0.2/0.2), dual clip and cap as released. release:
+#   run_qwen3_4b_sdpg_boxed.sh:42-48 (beta, alpha, no schedule, no gate), :60-61 (clip), :152 (dual
+#   clip), the cap dp_actor.py:632. grpo: run_qwen3_4b_grpo_original_boxed.sh:35-43 (dual clip 1000:
+#   none; no L_ref; a k1 reward penalty). rlsd: run_qwen3_4b_rlsd_boxed.sh, actor.yaml:36-42, 112.
 SFT_LR, SFT_HINT_FRAC, WEIGHT_DECAY = 1e-3, 0.5, 0.1  # warm start: half the problems show c
 VAL_SIZE = 1000  # the warm start's validation problems: resolves its bar to about +-0.01
 MAX_BAD_STEPS = 3  # stop after this many RL steps in a row with a non-finite update
+EMA_RATE = 0.05  # --teacher ema, after each update: teacher += 0.05 (model - teacher), as SDPO
 
 def recipe_help(name, what):  # '<what>; paper 0.2, release 0.28, grpo 0.2, rlsd 0.2'
     i = RECIPE_FLAGS.index(name)
@@ -259,7 +257,7 @@ add("--temperature", type=positive, default=1.0, help="of the rollouts and of ev
 add("--max_new_tokens", type=size, default=8, help="longest response")
 add("--beta", type=nonneg, default=0.05, help="the peak weight of the distillation term")
 add("--kl_mode", default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="L_ref's form")
-add("--teacher", default="current", choices=["current", "frozen"], help="the teacher's weights")
+add("--teacher", default="current", choices=["current", "frozen", "ema"], help="its weights")
 add("--opd_exclude_eot", action="store_true", help="no distillation on end-of-text tokens")
 add("--recipe", default="paper", choices=["paper", "release"], help="sets the 9 flags below")
 add("--opd_gate", choices=["positive", "all"], help=recipe_help("opd_gate", "distil A > 0, or all"))
@@ -284,8 +282,7 @@ def resolve(args, horizon=None):
     args.beta_horizon = horizon or args.rl_steps
     return args
 
-# -----------------------------------------------------------------------------
-# helpers of every phase: printing, errors, the all-reduce, the run's record
+# ---- helpers of every phase: printing, errors, the all-reduce, the run's record -----------------
 
 def print0(*a, **kw):  # print on rank 0 only (RANK is set by torchrun)
     if os.environ.get("RANK", "0") == "0":
@@ -327,8 +324,7 @@ class Run:
     bad_streak: int = 0                # RL steps in a row with a non-finite update
     t_run: float = 0.0                 # time.time() when RL began
 
-# -----------------------------------------------------------------------------
-# stage 1: the supervised warm start of both views, cached in sft.pt
+# ---- stage 1: the supervised warm start of both views, cached in sft.pt -------------------------
 
 def warm_start(run, train_model, stop):
     """Cross-entropy on the reference answers, half the problems shown with c, until the student
@@ -376,8 +372,7 @@ def warm_start(run, train_model, stop):
                 return True, val
     return True, None
 
-# -----------------------------------------------------------------------------
-# evaluation: greedy accuracy of both views, and mean@n of the student
+# ---- evaluation: greedy accuracy of both views, and mean@n of the student -----------------------
 
 CONTEXT_SEED = 4321  # draws the held-out contexts that involve chance: the same every time
 
@@ -421,8 +416,9 @@ def run_eval(run, k):  # evaluate at RL step k; print, log and return the record
     args, problems = run.args, run.task.eval_set
     rec = dict(zip(("phase", "step", "eval_acc", "teacher_acc"),
                    ("eval", k, *evaluate(run, run.model, problems))))
-    if args.teacher == "frozen":  # the teacher distilled from, besides the current weights' view
-        rec["frozen_teacher_acc"] = evaluate(run, run.ref_model, problems, ("teacher",))[1]
+    if args.teacher != "current":  # teacher_acc: the weights distilled from; the model's view too
+        rec["current_teacher_acc"] = rec["teacher_acc"]
+        rec["teacher_acc"] = evaluate(run, run.teacher_model, problems, ("teacher",))[1]
     if args.eval_samples:
         rec[f"mean@{args.eval_samples}"], rec[f"mean@{args.eval_samples}_ci95"] = mean_at_n(
             run, problems, args.eval_samples)
@@ -431,8 +427,7 @@ def run_eval(run, k):  # evaluate at RL step k; print, log and return the record
     run.log(rec)
     return rec
 
-# -----------------------------------------------------------------------------
-# stage 2: one RL step in four phases: rollouts, scoring, updates, the step's record
+# ---- stage 2: one RL step in four phases: rollouts, scoring, updates, the step's record ---------
 
 def sample_rollouts(run, n_prompts):
     """Phase 1: problems, G responses to each from the student view (which never holds c), and
@@ -499,6 +494,10 @@ def update(run, batch, beta_k, k, hook):
         if torch.isfinite(torch.nn.utils.clip_grad_norm_(run.model.parameters(),
                                                          args.grad_clip or math.inf)):
             run.optimizer.step()
+            if args.teacher == "ema":  # the teacher's weights follow the model's, trunk and head
+                with torch.no_grad():
+                    for ema, weight in zip(run.teacher_model.parameters(), run.model.parameters()):
+                        ema.lerp_(weight, EMA_RATE)
         else:  # a non-finite loss or gradient: skip, keep the weights and Adam's moments
             skipped += 1
         sums = {name: sums.get(name, 0) + v for name, v in mb_sums.items()}
@@ -528,8 +527,7 @@ def step_record(run, k, batch, sums, beta_k, dt, skipped, extra, dt_hook=None):
                                                          list(rec.items())[2:]))
     run.log(rec)
 
-# -----------------------------------------------------------------------------
-# the run: setup, stage 1, stage 2
+# ---- the run: setup, stage 1, stage 2 -----------------------------------------------------------
 
 def setup(args, task, ckpt, stop):
     """The processes, the model sized for the task, the log, stage 1 (the warm start, or its cache
@@ -553,7 +551,8 @@ def setup(args, task, ckpt, stop):
         if dist.is_initialized() else module  # gradient passes: DDP averages gradients over ranks
     warm_start_cached(run, model_args, ckpt, stop)  # stage 1, or its cache in sft.pt
     run.ref_model = copy.deepcopy(model).eval().requires_grad_(False)  # pi_ref
-    run.teacher_model = model if args.teacher == "current" else run.ref_model  # reads c + x
+    run.teacher_model = model if args.teacher == "current" else run.ref_model if \
+        args.teacher == "frozen" else copy.deepcopy(run.ref_model)  # ema: follows model (update)
     run.optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
     run.rl_rng = np.random.default_rng([args.seed, rank, 1])  # problems
     run.gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # sampling
@@ -691,8 +690,7 @@ def die_all(msg, run=None):  # die(msg) where every rank stops at once (exit 2, 
     die(msg)
 
 class StopRequest:
-    """Ctrl-C or SIGTERM: finish the step, save, exit; one more 2 s later stops at once (torchrun
-    forwards the first twice). restore() puts back the handlers it replaced (sdpg.main)."""
+    """Ctrl-C or SIGTERM: finish the step, save, exit; one more 2 s later stops at once."""
     def __init__(self):
         self.requested, self.when = False, 0.0
         self.replaced = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -799,6 +797,7 @@ def save_checkpoint(run, step, evaluated, evals):  # every rank calls it
         model=run.model.state_dict(), ref_model=run.ref_model.state_dict(), rng=rngs, step=step,
         optimizer=run.optimizer.state_dict(), model_args=vars(run.model.config),
         config=vars(run.args), task=repr(run.task), evaluated=evaluated, evals=evals,
+        teacher_model=run.teacher_model.state_dict() if run.args.teacher == "ema" else {},
         format=CKPT_FORMAT), os.path.join(run.args.out_dir, "ckpt.pt"))
 
 def load_checkpoint(path, types):
@@ -817,13 +816,11 @@ def load_checkpoint(path, types):
     return ckpt
 
 def read_resume(path):  # the checkpoint --resume names, its fields and its format checked
-    if not os.path.isfile(path):
-        die(f"--resume {path}: no such file")
     try:
         ckpt = load_checkpoint(path, dict(model=dict, ref_model=dict, optimizer=dict, step=int,
                                           model_args=dict, config=dict, rng=list))
     except ValueError as e:
-        die(f"--resume {e}")
+        die(f"--resume {e}" if os.path.isfile(path) else f"--resume {path}: no such file")
     if ckpt.get("format") != CKPT_FORMAT or type(ckpt["config"].get("beta_horizon")) is not int:
         die(f"--resume {path}: format {ckpt.get('format', 1)}, this sdpg.py's is {CKPT_FORMAT}")
     return ckpt
@@ -854,9 +851,11 @@ def resume(run, ckpt):
     """Load ckpt into the models, Adam and (if they fit) the random streams; log what typed flags
     changed and the schedule in steps. Returns (step, [first, latest evaluation record])."""
     path, config, args = run.args.resume, ckpt["config"], run.args
+    parts = dict(model=run.model, ref_model=run.ref_model, optimizer=run.optimizer)
+    if args.teacher == "ema":  # the EMA teacher's own weights
+        parts["teacher_model"] = run.teacher_model
     try:
-        for name, part in (("model", run.model), ("ref_model", run.ref_model),
-                           ("optimizer", run.optimizer)):
+        for name, part in parts.items():
             part.load_state_dict(ckpt[name])
     except Exception as e:  # shapes, names, Adam's state: one line
         die_all(f"--resume {path}: its weights do not fit the model ({type(e).__name__})")

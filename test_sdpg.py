@@ -777,9 +777,9 @@ def test_baselines_run_end_to_end(flags, tmp_path, monkeypatch, capsys):
     if "rlsd" in flags:  # lambda 0.5 decays linearly to 0 over 50 steps, k counted from 1
         assert [r["rlsd_lambda"] for r in rl] == [0.5 * (1 - k / 50) for k in (1, 2, 3)]
         assert "kl_teacher" not in rl[0] and all(r["beta"] == 0 for r in rl)
-    else:  # the frozen teacher's accuracy is logged beside the current weights' teacher view
-        frozen = [r["frozen_teacher_acc"] for r in evals]
-        assert len(set(frozen)) == 1 and all("teacher_acc" in r for r in evals)
+    else:  # teacher_acc is the frozen teacher's, the same at every evaluation; the model's view beside it
+        frozen = [r["teacher_acc"] for r in evals]
+        assert len(set(frozen)) == 1 and all("current_teacher_acc" in r for r in evals)
         assert all(r["beta"] == 0.05 for r in rl)
 
 
@@ -858,6 +858,88 @@ def test_a_resume_with_only_resume_and_rl_steps_continues_the_run_it_names(tmp_p
     assert [r["step"] for r in records(part, "rl")] == [1, 2, 3, 4]
     assert records(part, "rl") == records(full, "rl") and records(part, "eval") == records(full, "eval")
     assert read_log(part)[0]["n_embd"] == 48 and phase(read_log(part), "resume")[0]["changed"] == {}
+
+
+def test_ema_teacher_follows_the_recurrence_by_hand(tmp_path, monkeypatch):
+    """--teacher ema: after each optimizer step teacher <- teacher + 0.05 (model - teacher), from the
+    warm start. The weights seen by the hook before steps 2 and 3 and those after step 3, put
+    through the recurrence in float64, give the teacher's weights, trunk and (tied) head; the eval
+    record's teacher_acc is the EMA weights' privileged view, current_teacher_acc the model's."""
+    seen = []
+
+    def record(run, k, beta, mb):  # before step k's update: the model after step k - 1
+        seen.append([p.detach().double().clone() for p in run.model.parameters()])
+        if k == 1:  # the EMA starts at the warm start, which pi_ref also is
+            assert all(torch.equal(a, b) for a, b in zip(run.teacher_model.parameters(), run.ref_model.parameters()))
+    flags = TINY + ["--sft_until", "0", "--teacher", "ema", "--num_minibatches", "1", "--recipe", "release", "--lr", "1e-3",
+                    "--out_dir", str(tmp_path)]
+    run = run_in_process(monkeypatch, flags, hook=record)
+    assert sdpg.EMA_RATE == 0.05 and run.teacher_model is not run.model and run.teacher_model is not run.ref_model
+    after = seen[1:] + [[p.detach().double() for p in run.model.parameters()]]  # after steps 1, 2, 3
+    ema = seen[0]  # step 1 has not updated yet: the warm start
+    for weights in after:
+        ema = [e + 0.05 * (w - e) for e, w in zip(ema, weights)]
+    got = list(run.teacher_model.parameters())
+    assert len(got) == len(ema) and run.teacher_model.lm_head_weight is run.teacher_model.wte.weight
+    for e, g in zip(ema, got):
+        assert_close(g.double(), e, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(got[0], next(run.model.parameters()))
+    last = phase(read_log(str(tmp_path)), "eval")[-1]
+    problems = run.task.eval_set
+    assert last["teacher_acc"] == sdpg.evaluate(run, run.teacher_model, problems, ("teacher",))[1]
+    assert last["current_teacher_acc"] == sdpg.evaluate(run, run.model, problems, ("teacher",))[1]
+
+
+def test_ema_teacher_is_the_distillation_target_of_every_mini_batch(tmp_path, monkeypatch):
+    """Every mini-batch's teacher hidden states equal the EMA weights' own full forward over c + x +
+    y, and its output matrix is the EMA's; from step 2 on the current weights give other states."""
+    state, calls = {}, []
+    real_loss = sdpg.minibatch_loss
+
+    def grab(run, k, beta, mb):
+        state["run"], state["k"] = run, k
+
+    def checked(model, weight, mb, args, beta_k, world_size):
+        run = state["run"]
+        teacher = run.teacher_model
+        with torch.no_grad():
+            ref_h = response_hidden(teacher, mb.cx, mb.resp, mb.cx_pad)
+            current_h = response_hidden(run.model, mb.cx, mb.resp, mb.cx_pad)
+        assert_close(mb.h_teacher, ref_h, rtol=1e-5, atol=1e-5)
+        assert torch.equal(mb.w_teacher, teacher.lm_head_weight) and teacher is not run.model
+        if state["k"] >= 2:
+            assert (mb.h_teacher - current_h).abs().max() > 1e-4
+            assert not torch.equal(mb.w_teacher, run.model.lm_head_weight)
+        calls.append(state["k"])
+        return real_loss(model, weight, mb, args, beta_k, world_size)
+    monkeypatch.setattr(sdpg, "minibatch_loss", checked)
+    run_in_process(monkeypatch, TINY + ["--sft_until", "0", "--teacher", "ema", "--recipe", "release", "--lr", "1e-3",
+                                        "--out_dir", str(tmp_path)], hook=grab)
+    assert calls == [1, 1, 2, 2, 3, 3]  # both mini-batches of every step
+
+
+def test_a_resumed_ema_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """--teacher ema stopped by Ctrl-C after step 2 and resumed: the same RL and eval records to the
+    last digit, and the same EMA weights at the end (the checkpoint keeps them)."""
+    import signal
+    flags = TINY + ["--sft_until", "0", "--rl_steps", "4", "--teacher", "ema", "--recipe", "release", "--lr", "1e-3"]
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    run_full = run_in_process(monkeypatch, flags + ["--out_dir", full])
+
+    def ctrl_c_at_step_2(run, k, beta, mb):
+        if k == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    run_in_process(monkeypatch, flags + ["--out_dir", part], hook=ctrl_c_at_step_2)
+    assert "teacher_model" in torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)
+    run_part = run_in_process(monkeypatch, ["--resume", os.path.join(part, "ckpt.pt")])
+
+    def records(out, name):  # everything but the wall-clock timings
+        return [{k: v for k, v in r.items() if not (k.startswith("dt") or k == "tok_per_s")}
+                for r in phase(read_log(out), name)]
+    assert [r["step"] for r in records(part, "rl")] == [1, 2, 3, 4]
+    assert records(part, "rl") == records(full, "rl") and records(part, "eval")[-1] == records(full, "eval")[-1]
+    for a, b in zip(run_full.teacher_model.state_dict().values(), run_part.teacher_model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 DIFFERENT = {"algo": "grpo", "recipe": "release", "beta": "0.1", "alpha": "0.01", "clip_low": "0.1",

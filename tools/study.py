@@ -60,6 +60,11 @@ EXTRA = {  # run on request with --arms
     "rlsd": ["--algo", "rlsd"],  # the teacher reweights the advantage (its official script's clip)
     "distill": ["--algo", "distill", "--recipe", "release"],  # L_OPD and L_ref alone, no verifier
     "release_gated": ["--recipe", "release", "--opd_gate", "positive"],  # the release recipe with the gate
+    # the teacher's weights: the frozen warm start, or an EMA of the model (rate 0.05 a step)
+    "paper_frozen": ["--recipe", "paper", "--teacher", "frozen"],
+    "paper_ema": ["--recipe", "paper", "--teacher", "ema"],
+    "release_frozen": ["--recipe", "release", "--teacher", "frozen"],
+    "release_ema": ["--recipe", "release", "--teacher", "ema"],
 }
 SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "strong": [0, 1, 2], "digits3": [0, 1, 2]}
 # Named floating-point configurations of the CPU math libraries (environment variables of every
@@ -72,7 +77,7 @@ FLOAT_CONFIGS = {"default": {},
                  "avx2": {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},  # an AVX2-only CPU
                  "scalar": {"ATEN_CPU_CAPABILITY": "default"},  # torch's unvectorised kernels (3x)
                  "threads2": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}}  # two threads a run
-KEEP = {"eval": ("eval_acc", "teacher_acc"),  # the fields collected from each log
+KEEP = {"eval": ("eval_acc", "teacher_acc", "current_teacher_acc"),  # the fields collected from each log
         "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd", "beta", "eot_kl_share",
                "wrong_kl_share", "kl_teacher_pos", "tokens_pos"),
         "diag": ("grad_norm_out", "grad_norm_opd", "grad_norm_ref", "grad_cos_out_opd")}  # rl records with diagnostics

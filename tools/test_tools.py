@@ -484,3 +484,51 @@ def test_chain_study_tables_against_hand_computed_shares_and_gaps():
     assert row == f"| release - grpo | 2 | {mean:.3f} ± {std:.3f} | {mean / 2:.3f} ± {std / 2:.3f} | " \
                   f"{lucky_gap:.3f} ± 0.000 | 2/2 |"
     assert "seed 0 900 steps, val acc 0.3" in md
+
+
+# -----------------------------------------------------------------------------
+# pass@k (tools/passk.py)
+
+def test_pass_at_k_equals_brute_force_over_subsets():
+    """1 - C(n-c, k)/C(n, k) against the share of the k-subsets of n samples (c of them correct)
+    that hold a correct one, every n <= 8, c and k."""
+    import itertools
+    import passk
+    for n in range(1, 9):
+        for c in range(n + 1):
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations([1] * c + [0] * (n - c), k))
+                assert passk.pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets), abs=1e-12)
+
+
+def test_pass_at_k_curve_and_its_interval_against_a_direct_computation():
+    import statistics
+    import passk
+    counts, n = [0, 3, 8, 1, 5, 2, 0, 7], 8
+    for k, mean, ci in passk.pass_at_k_curve(counts, n):
+        direct = [1 - math.comb(n - c, k) / math.comb(n, k) for c in counts]
+        assert mean == pytest.approx(statistics.mean(direct), abs=1e-12)
+        assert ci == pytest.approx(1.96 * statistics.stdev(direct) / math.sqrt(len(counts)), abs=1e-12)
+    assert passk.pass_at_k_curve(counts, n)[0][1] == pytest.approx(sum(counts) / (n * len(counts)))
+
+
+def test_passk_of_a_checkpoint_counts_what_the_verifier_says(tmp_path, monkeypatch, capsys):
+    """On a tiny run's warm start and final checkpoint: per-problem counts in [0, n], pass@k rising
+    with k, pass@1 the share of correct samples, the same counts for the same seed, one JSON line
+    per checkpoint; --study finds a study directory's runs and warm starts."""
+    import passk
+    out = tmp_path / "study" / "grpo_s0"
+    assert run_main(monkeypatch, capsys, TINY + ["--sft_steps", "200", "--sft_until", "0", "--rl_steps", "1",
+                                                 "--out_dir", str(out)]).returncode == 0
+    (tmp_path / "study" / "warm_s0").mkdir()
+    os.replace(out / "sft.pt", tmp_path / "study" / "warm_s0" / "sft.pt")
+    jsonl = str(tmp_path / "passk.jsonl")
+    passk.main(["--study", str(tmp_path / "study"), "--n", "4", "--problems", "20", "--jsonl", jsonl])
+    recs = [json.loads(line) for line in open(jsonl)]
+    assert sorted(r["arm"] for r in recs) == ["grpo", "warm"] and all(r["run_seed"] == 0 for r in recs)
+    for r in recs:
+        assert len(r["counts"]) == 20 and all(0 <= c <= 4 for c in r["counts"])
+        means = [m for _, m, _ in r["pass_at_k"]]
+        assert means == sorted(means) and means[0] == pytest.approx(sum(r["counts"]) / 80)
+    again = passk.read(recs[0]["path"], 4, 20, 0)
+    assert again["counts"] == recs[0]["counts"]
