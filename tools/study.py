@@ -84,7 +84,7 @@ KEEP = {"eval": ("eval_acc", "teacher_acc", "current_teacher_acc"),  # the field
 
 
 def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default", warm_only=False,
-            common=COMMON):
+            common=COMMON, keep_ckpt=False):
     """Warm starts first (one per regime and seed), then every arm of each seed whose warm start
     reached its bar (a seed that fell short is left out, with a line); at most `jobs` processes.
     seeds: a list, {regime: list}, or None for each regime's SEEDS. table: {regime: (flags,
@@ -132,7 +132,7 @@ def run_all(regimes, seeds, arms, jobs, out_root, extra, table=None, fp="default
                         q.kill()
                     tail = text.strip().splitlines()[-1:] or ["(no output)"]
                     sys.exit(f"study.py: error: {out} failed (exit {p.returncode}): {tail[0]}")
-                for junk in ("ckpt.pt",) + (("sft.pt",) if ph == "runs" else ()):
+                for junk in (() if keep_ckpt else ("ckpt.pt",)) + (("sft.pt",) if ph == "runs" else ()):
                     if os.path.exists(os.path.join(out, junk)):
                         os.remove(os.path.join(out, junk))
                 print(f"  done {out} ({time.time() - t0:.0f}s, {len(pending)} pending)", flush=True)
@@ -437,6 +437,7 @@ if __name__ == "__main__":
                              "out/study_<fp>/ and results/study/<regime>_<fp>.*")
     parser.add_argument("--warm_only", action="store_true", help="only the warm starts: where they land")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--keep_ckpt", action="store_true", help="keep each run's final ckpt.pt (for tools/passk.py)")
     parser.add_argument("--out_dir", default=None, help="the runs' own directories (default: out/study, "
                         "or out/study_<fp> under --fp)")
     parser.add_argument("--results", default=os.path.join(ROOT, "results", "study"), help="collected logs, tables, figure")
@@ -449,7 +450,7 @@ if __name__ == "__main__":
             sys.exit("study.py: error: --jobs must be >= 1 and the arms must include grpo (the gaps are to it)")
         t0 = time.time()
         run_all(args.regimes, args.seeds, args.arms, args.jobs, args.out_dir, extra, fp=args.fp,
-                warm_only=args.warm_only)
+                warm_only=args.warm_only, keep_ckpt=args.keep_ckpt)
         for regime in args.regimes:
             collect(regime, args.out_dir, args.results, args.fp)
         print(f"study: {len(args.regimes)} regime(s) x {len(args.arms)} arms in {(time.time() - t0) / 60:.1f} min")

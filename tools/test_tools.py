@@ -532,3 +532,32 @@ def test_passk_of_a_checkpoint_counts_what_the_verifier_says(tmp_path, monkeypat
         assert means == sorted(means) and means[0] == pytest.approx(sum(r["counts"]) / 80)
     again = passk.read(recs[0]["path"], 4, 20, 0)
     assert again["counts"] == recs[0]["counts"]
+
+
+def test_teachers_tables_by_hand(tmp_path):
+    """tools/teachers.py on a made-up study of two seeds: the paired gaps, the seeds ahead, the
+    model's view under ema (current_teacher_acc) and the smallest k below the warm start."""
+    import teachers
+    finals = {"grpo": (0.30, 0.20), "release": (0.50, 0.60), "release_ema": (0.55, 0.58), "release_beta0": (0.45, 0.50)}
+    with open(tmp_path / "default.jsonl", "w") as f:
+        for arm, accs in finals.items():
+            for seed, acc in enumerate(accs):
+                ev = {"step": [0, 200], "eval_acc": [0.2, acc], "teacher_acc": [1.0, 0.9 if arm == "release_ema" else 0.8]}
+                if arm == "release_ema":
+                    ev["current_teacher_acc"] = [1.0, 0.7]
+                rl = {"step": list(range(1, 21)), "entropy": [0.5] * 20, "kl_teacher": [0.1] * 20}
+                f.write(json.dumps({"arm": arm, "seed": seed, "config": {}, "eval": ev, "rl": rl}) + "\n")
+    with open(tmp_path / "passk.jsonl", "w") as f:
+        for arm, curve in {"warm": [0.1, 0.3, 0.5], "grpo": [0.2, 0.3, 0.4], "release": [0.3, 0.5, 0.6]}.items():
+            for seed in (0, 1):
+                f.write(json.dumps({"arm": arm, "run_seed": seed, "n": 3, "problems": 10,
+                                    "pass_at_k": [[k + 1, m, 0.01] for k, m in enumerate(curve)]}) + "\n")
+    md = open(teachers.main(str(tmp_path))).read()
+    ema = next(line for line in md.splitlines() if line.startswith("| release_ema |"))
+    assert "| +0.015 ± 0.049 (1/2) |" in ema  # - release: +0.05 and -0.02
+    assert "| +0.090 ± 0.014 (2/2) |" in ema  # - release_beta0: +0.10, +0.08
+    assert "| 0.900 ± 0.000 | 0.700 ± 0.000 (0.700 ± 0.000) |" in ema  # the EMA's view, the model's
+    grpo_row = next(line for line in md.splitlines() if line.startswith("| grpo | 2 |"))
+    assert grpo_row.endswith("| 3 |")  # 0.4 < 0.5 at k = 3, not before
+    release_row = next(line for line in md.splitlines() if line.startswith("| release | 2 |"))
+    assert "| +0.200 (2/2) | +0.100 (2/2) | +0.200 (2/2) | never |" in release_row

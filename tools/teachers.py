@@ -1,0 +1,123 @@
+"""
+Which weights the teacher should use, and what distillation costs in pass@k: the tables of a
+teacher study (study.py's frozen and EMA arms beside the current teacher, each recipe's beta-0
+control and the official GRPO, from one warm start per seed) and of tools/passk.py's curves.
+
+    python tools/study.py --seeds 0 1 2 --arms grpo paper_urkl paper_frozen paper_ema paper_beta0 \\
+        release release_frozen release_ema release_beta0 --out_dir out/teachers --results results/teachers
+    python tools/passk.py --study out/teachers/default --jsonl results/teachers/passk.jsonl \\
+        --figure results/teachers/passk.png
+    python tools/teachers.py results/teachers          # writes results/teachers/teachers.md
+
+Gaps are paired by seed: mean ± std of the per-seed differences, with the seeds ahead. "The
+model's view" is the privileged view (c + x) of the weights being trained (current_teacher_acc
+under frozen and ema, teacher_acc under current); "the teacher's view" that of the weights the
+teacher uses.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from study import fmt, load, mean_std  # noqa: E402
+
+RECIPES = {"paper": ("paper_urkl", "paper_frozen", "paper_ema", "paper_beta0"),
+           "release": ("release", "release_frozen", "release_ema", "release_beta0")}
+TEACHER = {"paper_urkl": "current", "release": "current", "paper_frozen": "frozen",
+           "release_frozen": "frozen", "paper_ema": "ema", "release_ema": "ema"}
+KS = (1, 2, 4, 8, 16)
+
+
+def gap(runs, arm, ref, value):
+    """'mean ± std (ahead/n)' of value(arm) - value(ref) over the seeds both have."""
+    seeds = sorted(set(runs.get(arm, {})) & set(runs.get(ref, {})))
+    d = [value(runs[arm][s]) - value(runs[ref][s]) for s in seeds]
+    if not d:
+        return "-"
+    m, s = mean_std(d)
+    return f"{m:+.3f} ± {s:.3f} ({sum(x > 0 for x in d)}/{len(d)})"
+
+
+def final(key):
+    return lambda run: run["eval"][-1][key]
+
+
+def model_view(run):  # the weights being trained, reading c
+    return run["eval"][-1].get("current_teacher_acc", run["eval"][-1]["teacher_acc"])
+
+
+def accuracy_table(runs):
+    rows = ["| arm | teacher | seeds | final accuracy | - same recipe, current teacher | - its beta-0 control "
+            "| - official GRPO | teacher's view, final | model's view, final (lowest over RL) | KL to the teacher, "
+            "last 20 steps | entropy, last 20 steps |", "|" + "---|" * 11]
+    for recipe, arms in RECIPES.items():
+        current, *_, control = arms
+        for arm in arms:
+            if arm not in runs:
+                continue
+            seeds = runs[arm]
+            lowest = [min(r.get("current_teacher_acc", r["teacher_acc"]) for r in run["eval"]) for run in seeds.values()]
+            kl = [sum(r["kl_teacher"] for r in run["rl"][-20:]) / 20 for run in seeds.values() if "kl_teacher" in run["rl"][-1]]
+            ent = [sum(r["entropy"] for r in run["rl"][-20:]) / 20 for run in seeds.values()]
+            rows.append(f"| {arm} | {TEACHER.get(arm, 'none (beta 0)')} | {len(seeds)} | "
+                        f"{fmt([final('eval_acc')(r) for r in seeds.values()])} | "
+                        f"{gap(runs, arm, current, final('eval_acc')) if arm != current and arm != control else '-'} | "
+                        f"{gap(runs, arm, control, final('eval_acc')) if arm != control else '-'} | "
+                        f"{gap(runs, arm, 'grpo', final('eval_acc'))} | "
+                        f"{fmt([final('teacher_acc')(r) for r in seeds.values()]) if arm != control else '-'} | "
+                        f"{fmt([model_view(r) for r in seeds.values()])} ({fmt(lowest)}) | {fmt(kl)} | {fmt(ent, 2)} |")
+    if "grpo" in runs:
+        seeds = runs["grpo"]
+        rows.append(f"| grpo | none | {len(seeds)} | {fmt([final('eval_acc')(r) for r in seeds.values()])} | - | - | - | - | "
+                    f"{fmt([model_view(r) for r in seeds.values()])} | - | "
+                    f"{fmt([sum(r['entropy'] for r in run['rl'][-20:]) / 20 for run in seeds.values()], 2)} |")
+    return "\n".join(rows)
+
+
+def passk_table(path):
+    """pass@k at the end of RL per arm (mean ± std over seeds), its paired gaps to the seed's warm
+    start and to GRPO, and the smallest k at which the arm's mean falls below the warm start's."""
+    recs = [json.loads(line) for line in open(path)]
+    by = {}
+    for r in recs:
+        by.setdefault(r["arm"], {})[r["run_seed"]] = {k: m for k, m, _ in r["pass_at_k"]}
+    n, problems = recs[0]["n"], recs[0]["problems"]
+    ks = [k for k in KS if k < n] + [n]
+    rows = [f"pass@k from n = {n} samples per problem at temperature 1 on the first {problems} held-out problems "
+            f"(a 95% interval over problems of about ±{max(c for r in recs for _, _, c in r['pass_at_k']):.3f} at most, "
+            "per run); the gaps are paired by seed.", "",
+            "| arm | seeds | " + " | ".join(f"pass@{k}" for k in ks) + f" | pass@1 - warm | pass@{n} - warm | pass@{n} - GRPO "
+            "| below the warm start from k |", "|" + "---|" * (len(ks) + 6)]
+    for arm in ["warm", "grpo"] + [a for arms in RECIPES.values() for a in arms]:
+        if arm not in by:
+            continue
+        seeds = by[arm]
+        cells = [fmt([c[k] for c in seeds.values()]) for k in ks]
+
+        def pgap(ref, k):
+            common = sorted(set(seeds) & set(by.get(ref, {})))
+            d = [seeds[s][k] - by[ref][s][k] for s in common]
+            return "-" if not d or arm == ref else f"{mean_std(d)[0]:+.3f} ({sum(x > 0 for x in d)}/{len(d)})"
+        mean = {k: sum(c[k] for c in seeds.values()) / len(seeds) for k in range(1, n + 1)}
+        warm = {k: sum(c[k] for c in by["warm"].values()) / len(by["warm"]) for k in range(1, n + 1)} if "warm" in by else {}
+        below = next((k for k in range(1, n + 1) if warm and mean[k] < warm[k]), None)
+        rows.append(f"| {arm} | {len(seeds)} | " + " | ".join(cells) + f" | {pgap('warm', 1)} | {pgap('warm', n)} | "
+                    f"{pgap('grpo', n)} | {'-' if arm == 'warm' else below or 'never'} |")
+    return "\n".join(rows)
+
+
+def main(results):
+    runs = load(os.path.join(results, "default.jsonl"))
+    md = ["### The teacher's weights (default task, student at 20%, 200 RL steps)", "", accuracy_table(runs), ""]
+    if os.path.exists(os.path.join(results, "passk.jsonl")):
+        md += ["### pass@k at the end of RL", "", passk_table(os.path.join(results, "passk.jsonl")), ""]
+    path = os.path.join(results, "teachers.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md))
+    print("\n".join(md))
+    return path
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                            "results", "teachers"))
