@@ -164,7 +164,7 @@ def minibatch_loss(model, weight, mb, args, beta_k, world_size):
     per_token = {"out": l_out} if args.algo != "distill" else {}  # distill: no verifier term
     per_token["ref"] = args.alpha * l_ref
     metrics = {}
-    if args.algo in ("sdpg", "distill"):  # each view from its own weights, over the vocabulary
+    if args.algo in ("sdpg", "distill"):  # each view its own weights; no gradient to the teacher
         kl = fused_reverse_kl(h, mb.h_teacher.flatten(0, 1), weight, tau,
                               teacher_weight=mb.w_teacher).view(mask.shape)  # (B, Tr)
         # min(KL, cap) per token, no gradient where capped (dp_actor.py:632)
