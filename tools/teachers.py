@@ -8,6 +8,7 @@ control and the official GRPO, from one warm start per seed) and of tools/passk.
     python tools/passk.py --study out/teachers/default --jsonl results/teachers/passk.jsonl \\
         --figure results/teachers/passk.png
     python tools/teachers.py results/teachers          # writes results/teachers/teachers.md
+    python tools/teachers.py results/teachers compatible   # the same study under study.py --fp compatible
 
 Gaps are paired by seed: mean ± std of the per-seed differences, with the seeds ahead. "The
 model's view" is the privileged view (c + x) of the weights being trained (current_teacher_acc
@@ -106,12 +107,16 @@ def passk_table(path):
     return "\n".join(rows)
 
 
-def main(results):
-    runs = load(os.path.join(results, "default.jsonl"))
-    md = ["### The teacher's weights (default task, student at 20%, 200 RL steps)", "", accuracy_table(runs), ""]
-    if os.path.exists(os.path.join(results, "passk.jsonl")):
-        md += ["### pass@k at the end of RL", "", passk_table(os.path.join(results, "passk.jsonl")), ""]
-    path = os.path.join(results, "teachers.md")
+def main(results, fp="default"):
+    """teachers.md from default.jsonl and passk.jsonl; under another floating-point configuration
+    (study.py --fp), teachers_<fp>.md from default_<fp>.jsonl and passk_<fp>.jsonl."""
+    suffix = "" if fp == "default" else f"_{fp}"
+    runs = load(os.path.join(results, f"default{suffix}.jsonl"))
+    md = [f"### The teacher's weights (default task, student at 20%, 200 RL steps; {fp} configuration)", "",
+          accuracy_table(runs), ""]
+    if os.path.exists(os.path.join(results, f"passk{suffix}.jsonl")):
+        md += ["### pass@k at the end of RL", "", passk_table(os.path.join(results, f"passk{suffix}.jsonl")), ""]
+    path = os.path.join(results, f"teachers{suffix}.md")
     with open(path, "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
@@ -120,4 +125,4 @@ def main(results):
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                            "results", "teachers"))
+                                                            "results", "teachers"), *sys.argv[2:3])
