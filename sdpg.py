@@ -315,7 +315,7 @@ class Run:
     train_model: Any = None            # model under DDP and compile: the gradient passes
     wrap: Any = None                   # wrap(model): under DDP when there are several ranks
     ref_model: Any = None              # pi_ref, the frozen warm start
-    teacher_model: Any = None          # the weights that read c: model, or ref_model if frozen
+    teacher_model: Any = None          # the weights that read c: model, ref_model or an EMA
     optimizer: Any = None
     rl_rng: Any = None                 # numpy Generator: problems, random contexts
     gen: Any = None                    # torch Generator: rollout sampling
@@ -558,13 +558,13 @@ def setup(args, task, ckpt, stop):
     run.gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # sampling
     return run
 
-def train(args, task, hook=None, ckpt=None, stop=None):
+def train(args, task, hook, ckpt, stop):
     """Both stages: setup, then RL from step 1 (or from ckpt, a checkpoint's contents); returns
     the Run. The extension point of tools/: hook(run, k, beta_k, mb), if given, sees each step's
     first mini-batch (Rollouts) before its update, on every rank, and returns a dict (or None)
     logged with the step as rank 0's hook returned it (a hook reduces over ranks itself). It
     changes nothing; a field the step logs itself is an error; its time is dt_hook, not dt."""
-    run = setup(args, task, ckpt, stop or StopRequest())
+    run = setup(args, task, ckpt, stop)
     start, evals = resume(run, ckpt) if ckpt is not None else (0, [None, None])
     run.train_model = torch.compile(run.wrap(run.model)) if args.compile else run.wrap(run.model)
     if evals[1] is None:  # the first and the latest evaluation, for the summary and checkpoint
