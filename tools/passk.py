@@ -7,21 +7,23 @@ interval over the problems (1.96 std / sqrt(P)).
     python tools/passk.py out/sft.pt out/ckpt.pt            # the warm start, and the end of RL
     python tools/passk.py --study out/teachers/default --jsonl results/teachers/passk.jsonl
 
-Addition task (the checkpoint's --digits). Every checkpoint is read on the same problems (the
-first --problems of the held-out set) with the same sampling seed, so curves compare like with
-like. --study reads every <arm>_s<seed>/ckpt.pt of a study.py directory, and each seed's warm start
+The task is the checkpoint's: addition (its --digits) or tools/chain.py's chain (its --eval_size).
+Every checkpoint is read on the same problems (the first --problems of the held-out set) with the
+same sampling seed, so curves compare like with like. --study reads every <arm>_s<seed>/ckpt.pt of a study.py directory, and each seed's warm start
 (warm_s<seed>/sft.pt), one JSON line each; --figure draws pass@k against k per arm from a --jsonl.
 """
 import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import chain  # noqa: E402  (tools/chain.py's task, read from a checkpoint that names it)
 import sdpg  # noqa: E402
 from data import AdditionTask, encode_batch, get_encoding, left_pad, verify  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -66,11 +68,16 @@ def read(path, n, problems, seed):
     cfg = ckpt.get("config") or ckpt.get("key") or {}  # ckpt.pt: the run's config; sft.pt: its key
     model_args = ckpt.get("model_args") or cfg["model_args"]
     max_new = cfg.get("max_new_tokens", 8)
-    digits = (model_args["block_size"] - max_new - 5) // 3  # c + x: 2d + 2 + d + 3 tokens
     model = GPT(GPTConfig(**model_args))
     model.load_state_dict(ckpt["model"])
     model.eval()
-    task = AdditionTask(digits, eval_size=1000)
+    chain_task = re.match(r"ChainTask\(eval_size=(\d+), context='(\w+)'", str(ckpt.get("task") or cfg.get("task")))
+    if chain_task:  # tools/chain.py's task: its held-out set of the run's --eval_size
+        task = chain.ChainTask(int(chain_task[1]), chain_task[2])
+    else:  # addition: the digits follow from the block size, c + x being 2d + 2 + d + 3 tokens
+        task = AdditionTask((model_args["block_size"] - max_new - 5) // 3, eval_size=1000)
+    if problems > len(task.eval_set):
+        raise ValueError(f"--problems {problems}: the held-out set has {len(task.eval_set)}")
     counts = sample_correct(model, get_encoding(), task, task.eval_set[:problems], n, max_new, seed)
     return {"path": path, "step": ckpt.get("step", 0), "n": n, "problems": problems, "seed": seed,
             "counts": counts, "pass_at_k": pass_at_k_curve(counts, n)}

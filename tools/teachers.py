@@ -3,23 +3,37 @@ Which weights the teacher should use, and what distillation costs in pass@k: the
 teacher study (study.py's frozen and EMA arms beside the current teacher, each recipe's beta-0
 control and the official GRPO, from one warm start per seed) and of tools/passk.py's curves.
 
-    python tools/study.py --seeds 0 1 2 --arms grpo paper_urkl paper_frozen paper_ema paper_beta0 \\
+The default task (study.py's runner and its default regime):
+
+    python tools/study.py --keep_ckpt --arms grpo paper_urkl paper_frozen paper_ema paper_beta0 \\
         release release_frozen release_ema release_beta0 --out_dir out/teachers --results results/teachers
     python tools/passk.py --study out/teachers/default --jsonl results/teachers/passk.jsonl \\
         --figure results/teachers/passk.png
-    python tools/teachers.py results/teachers          # writes results/teachers/teachers.md
-    python tools/teachers.py results/teachers compatible   # the same study under study.py --fp compatible
+
+The chain task with the derivation as context (tools/chain.py's warm start and RL flags; the
+release recipe with each teacher, its beta-0 control and GRPO; seeds 0-2, 5 and 6 as chain.py's):
+
+    python tools/teachers.py --chain                  # runs, then passk.py, then the tables
+
+Then the tables of both tasks (teachers.md):
+
+    python tools/teachers.py                          # from results/teachers
+    python tools/teachers.py --fp compatible          # the same study under study.py --fp compatible
 
 Gaps are paired by seed: mean ± std of the per-seed differences, with the seeds ahead. "The
 model's view" is the privileged view (c + x) of the weights being trained (current_teacher_acc
 under frozen and ema, teacher_acc under current); "the teacher's view" that of the weights the
 teacher uses.
 """
+import argparse
 import json
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import chain  # noqa: E402
+import passk  # noqa: E402
+import study  # noqa: E402
 from study import fmt, load, mean_std  # noqa: E402
 
 RECIPES = {"paper": ("paper_urkl", "paper_frozen", "paper_ema", "paper_beta0"),
@@ -27,6 +41,24 @@ RECIPES = {"paper": ("paper_urkl", "paper_frozen", "paper_ema", "paper_beta0"),
 TEACHER = {"paper_urkl": "current", "release": "current", "paper_frozen": "frozen",
            "release_frozen": "frozen", "paper_ema": "ema", "release_ema": "ema"}
 KS = (1, 2, 4, 8, 16)
+TASKS = {"default": "default task, student at 20%, 200 RL steps",  # collected name: what it is
+         "derivation": "chain task, the derivation as context, student at 30%, 100 RL steps"}
+CHAIN_ARMS = ["grpo", "release", "release_frozen", "release_ema", "release_beta0"]
+
+
+def run_chain(seeds, fp, results, jobs=2):
+    """The chain task's teacher study: CHAIN_ARMS from each seed's warm start (chain.py's STUDY and
+    RL flags), every final checkpoint kept; then collected to <results>/derivation[_<fp>].jsonl
+    and pass@k of every run and warm start to passk_derivation[_<fp>].jsonl (written anew)."""
+    out_root = os.path.join("out", "teachers_chain" if fp == "default" else f"teachers_chain_{fp}")
+    study.run_all(["derivation"], {"derivation": seeds}, CHAIN_ARMS, jobs, out_root, [],
+                  table=chain.STUDY, fp=fp, common=chain.RL, keep_ckpt=True)
+    study.collect("derivation", out_root, results, fp)
+    jsonl = os.path.join(results, f"passk_{study.tag('derivation', fp)}.jsonl")
+    if os.path.exists(jsonl):
+        os.remove(jsonl)
+    passk.main(["--study", os.path.join(out_root, "derivation"), "--jsonl", jsonl,
+                "--figure", jsonl[:-len(".jsonl")] + ".png"])
 
 
 def gap(runs, arm, ref, value):
@@ -108,15 +140,19 @@ def passk_table(path):
 
 
 def main(results, fp="default"):
-    """teachers.md from default.jsonl and passk.jsonl; under another floating-point configuration
-    (study.py --fp), teachers_<fp>.md from default_<fp>.jsonl and passk_<fp>.jsonl."""
-    suffix = "" if fp == "default" else f"_{fp}"
-    runs = load(os.path.join(results, f"default{suffix}.jsonl"))
-    md = [f"### The teacher's weights (default task, student at 20%, 200 RL steps; {fp} configuration)", "",
-          accuracy_table(runs), ""]
-    if os.path.exists(os.path.join(results, f"passk{suffix}.jsonl")):
-        md += ["### pass@k at the end of RL", "", passk_table(os.path.join(results, f"passk{suffix}.jsonl")), ""]
-    path = os.path.join(results, f"teachers{suffix}.md")
+    """teachers[_<fp>].md from each task's collected runs, <task>[_<fp>].jsonl, and its pass@k,
+    passk[_<fp>].jsonl (the default task) or passk_derivation[_<fp>].jsonl (the chain task)."""
+    md = []
+    for task, what in TASKS.items():
+        path = os.path.join(results, f"{study.tag(task, fp)}.jsonl")
+        if not os.path.exists(path):
+            continue
+        md += [f"### The teacher's weights ({what}; {fp} configuration)", "", accuracy_table(load(path)), ""]
+        pk = os.path.join(results, "passk" + ("" if task == "default" else "_derivation")
+                          + ("" if fp == "default" else f"_{fp}") + ".jsonl")
+        if os.path.exists(pk):
+            md += [f"### pass@k at the end of RL ({task.replace('derivation', 'chain')} task)", "", passk_table(pk), ""]
+    path = os.path.join(results, "teachers" + ("" if fp == "default" else f"_{fp}") + ".md")
     with open(path, "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
@@ -124,5 +160,13 @@ def main(results, fp="default"):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                            "results", "teachers"), *sys.argv[2:3])
+    p = argparse.ArgumentParser(description="the teacher study's tables; --chain runs its chain task")
+    p.add_argument("results", nargs="?", default=os.path.join(study.ROOT, "results", "teachers"))
+    p.add_argument("--fp", default="default", choices=list(study.FLOAT_CONFIGS))
+    p.add_argument("--chain", action="store_true", help="run the chain task's arms first (hours on 2 cores)")
+    p.add_argument("--seeds", nargs="+", type=int, default=chain.SEEDS["derivation"])
+    p.add_argument("--jobs", type=int, default=2)
+    args = p.parse_args()
+    if args.chain:
+        run_chain(args.seeds, args.fp, args.results, args.jobs)
+    main(args.results, args.fp)

@@ -534,6 +534,27 @@ def test_passk_of_a_checkpoint_counts_what_the_verifier_says(tmp_path, monkeypat
     assert again["counts"] == recs[0]["counts"]
 
 
+def test_passk_reads_the_chain_task_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """A chain run's ckpt.pt: pass@k samples the first problems of the run's own held-out chains
+    (its --eval_size), never addition's; more problems than that set holds are refused."""
+    import passk
+    assert run_main(monkeypatch, capsys, TINY + ["--task", "chain", "--context", "derivation", "--sft_until", "0",
+                                                 "--rl_steps", "1", "--out_dir", str(tmp_path)],
+                    entry=extras.main).returncode == 0
+    seen, sample = {}, passk.sample_correct
+
+    def spy(model, enc, task, problems, n, max_new, seed):
+        seen.update(task=task, problems=problems)
+        return sample(model, enc, task, problems, n, max_new, seed)
+    monkeypatch.setattr(passk, "sample_correct", spy)
+    rec = passk.read(str(tmp_path / "ckpt.pt"), 3, 10, 0)
+    assert isinstance(seen["task"], chain.ChainTask) and seen["task"].kind == "derivation"
+    assert seen["problems"] == chain.ChainTask(40, "derivation").eval_set[:10]  # TINY's --eval_size 40
+    assert len(rec["counts"]) == 10 and all(0 <= c <= 3 for c in rec["counts"])
+    with pytest.raises(ValueError, match="held-out set has 40"):
+        passk.read(str(tmp_path / "ckpt.pt"), 3, 41, 0)
+
+
 def test_teachers_tables_by_hand(tmp_path):
     """tools/teachers.py on a made-up study of two seeds: the paired gaps, the seeds ahead, the
     model's view under ema (current_teacher_acc) and the smallest k below the warm start."""
