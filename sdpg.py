@@ -136,16 +136,16 @@ class Rollouts:
     adv: Any = None        # (B,), or (B, Tr) per token under rlsd
     h_teacher: Any = None  # (B, Tr, H) teacher hidden states (update)
     w_teacher: Any = None  # (V, H) the teacher's output matrix
-    n_tokens: float = 0.0                     # response tokens of the global mini-batch
 
     def rows(self, i, j, G):  # rows i to j-1, whole groups of G; each tensor but w_teacher has rows
         f = {n: v[i:j] for n, v in vars(self).items() if torch.is_tensor(v) and n != "w_teacher"}
         return dataclasses.replace(self, **f, problems=self.problems[i // G:j // G])
 
-def minibatch_loss(model, weight, mb, args, beta_k, world_size):
+def minibatch_loss(model, weight, mb, n_tokens, args, beta_k, world_size):
     """One mini-batch's loss on this rank, scaled so that DDP's average over ranks is the token-
     mean over the global mini-batch. model: the student (maybe under DDP); weight: its output
-    matrix (V, H), the tied embedding; beta_k: beta(k). Terms by args.algo: sdpg out + ref + opd,
+    matrix (V, H), the tied embedding; mb: this rank's rows, n_tokens: the response tokens of all
+    ranks' rows; beta_k: beta(k). Terms by args.algo: sdpg out + ref + opd,
     grpo and rlsd out + ref, distill ref + opd ungated. Returns loss, sums, weighted terms."""
     tau, mask = args.temperature, mb.mask  # the temperature; (B, Tr) 1.0 on response tokens
     # (B*Tr, H) via DDP; row (b, t) predicts resp[b, t], as in the no-grad passes (update)
@@ -177,11 +177,11 @@ def minibatch_loss(model, weight, mb, args, beta_k, world_size):
         metrics = {"loss_opd": gate * kl_used, "kl_teacher": kl}
     # token-mean over the global mini-batch: the sum over this rank's response tokens over those
     # of all ranks, times world_size because DDP averages the gradients over ranks
-    terms = {name: (v * mask).sum() * world_size / mb.n_tokens for name, v in per_token.items()}
+    terms = {name: (v * mask).sum() * world_size / n_tokens for name, v in per_token.items()}
     with torch.no_grad():
         log_w = logp - ref_logp
         metrics.update(loss=sum(per_token.values()), loss_out=l_out, loss_ref=l_ref,
-                       kl_ref=torch.exp(-log_w) - 1 + log_w,  # the k3 estimate of KL(pi || pi_ref)
+                       kl_ref_k3=torch.exp(-log_w) - 1 + log_w,  # k3's estimate of KL(pi || pi_ref)
                        entropy=chunked_entropy(h, weight, tau).view(mask.shape),
                        clip_frac=clip_active.float())
         sums = {name: (v.detach() * mask).sum() for name, v in metrics.items()}
@@ -472,7 +472,7 @@ def update(run, batch, beta_k, k, hook):
     n_tokens = all_sum(batch.mask.reshape(args.num_minibatches, n, -1).sum((1, 2))).tolist()
     sums, skipped, extra, dt_hook = {}, 0, {}, 0.0
     for j in range(args.num_minibatches):
-        mb = dataclasses.replace(batch.rows(j * n, (j + 1) * n, G), n_tokens=n_tokens[j])
+        mb = batch.rows(j * n, (j + 1) * n, G)
         if args.algo in ("sdpg", "distill"):  # the teacher reads c + x + y, c + x once a prompt
             with torch.no_grad(), run.ctx:
                 # Row (b, t) of h_teacher predicts resp[b, t], as the student's row in
@@ -486,8 +486,8 @@ def update(run, batch, beta_k, k, hook):
             extra = hook(run, k, beta_k, mb) or {}
             dt_hook = time.perf_counter() - t_hook
         with run.ctx:
-            loss, mb_sums, _ = minibatch_loss(run.train_model, run.model.lm_head_weight, mb, args,
-                                              beta_k, run.world_size)
+            loss, mb_sums, _ = minibatch_loss(run.train_model, run.model.lm_head_weight, mb,
+                                              n_tokens[j], args, beta_k, run.world_size)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # the norm is of the gradients DDP already averaged, so every rank takes the same branch
@@ -515,7 +515,7 @@ def step_record(run, k, batch, sums, beta_k, dt, skipped, extra, dt_hook=None):
     rec = {"phase": "rl", "step": k, "reward": totals["reward"] / totals["rollouts"],
            "signal_frac": totals["signal"] * G / totals["rollouts"],
            "resp_len": totals["tokens"] / totals["rollouts"],
-           **{name: totals[name] / totals["tokens"] for name in sums}, "beta": beta_k,
+           **{name: totals[name] / totals["tokens"] for name in sums}, "beta_k": beta_k,
            **({"rlsd_lambda": rlsd_lambda(k)} if run.args.algo == "rlsd" else {}),
            "tok_per_s": totals["tokens"] / dt, "dt": dt, "skipped": skipped,
            **({} if dt_hook is None else {"dt_hook": dt_hook})}

@@ -206,7 +206,7 @@ def test_each_loss_term_equals_its_formula_on_the_full_logits_in_float64(tau):
     assert_close(kl_grad.detach(), kl)
     cap = kl[(m > 0) & (a > 0)].median().item()  # the cap bites on half the gated tokens
     args = parse("--alpha", "0.2", "--opd_gate", "positive", "--kl_cap", str(cap), "--temperature", str(tau))
-    loss, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
+    loss, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n.item(), args, 0.3, 1)
     expected = {"out": (l_out * m).sum() / n, "ref": 0.2 * (0.5 * (logp - mb.ref_logp) ** 2 * m).sum() / n,
                 "opd": 0.3 * ((a > 0) * kl_grad.clamp(max=cap) * m).sum() / n}
     assert set(terms) == set(expected) and (a > 0).any() and (a < 0).any()
@@ -533,7 +533,7 @@ def double(mb):
 
 def grads(model, mb, args, world_size, n_tokens_global):
     model.zero_grad()
-    loss, _, _ = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n_tokens_global), args, 0.3, world_size)
+    loss, _, _ = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n_tokens_global, args, 0.3, world_size)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -588,7 +588,7 @@ def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
     mb = double(mb)
     args = parse("--algo", "distill", "--alpha", "0.1", "--opd_gate", "positive")
     m, n = mb.mask, mb.mask.sum()
-    loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
+    loss, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n.item(), args, 0.3, 1)
     z_s = response_logits(model, mb.x, mb.resp)
     z_t = mb.h_teacher @ model.lm_head_weight.T
     kl = brute_force_kl(z_s, z_t)
@@ -597,7 +597,7 @@ def test_opd_is_ungated_distillation_plus_reference_and_ignores_the_verifier():
     assert set(terms) == {"ref", "opd"}
     assert_close(loss, ((0.3 * kl + 0.1 * ref) * m).sum() / n)
     mb.adv = -mb.adv  # a different verifier outcome: the same loss
-    assert_close(sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)[0], loss)
+    assert_close(sdpg.minibatch_loss(model, model.lm_head_weight, mb, n.item(), args, 0.3, 1)[0], loss)
 
 
 def test_kl_cap_and_end_of_text_exclusion_against_float64_autograd():
@@ -615,7 +615,7 @@ def test_kl_cap_and_end_of_text_exclusion_against_float64_autograd():
     for exclude in (False, True):
         flags = ["--opd_gate", "all", "--alpha", "0", "--kl_cap", str(cap)] + (["--opd_exclude_eot"] if exclude else [])
         args = sdpg.resolve(sdpg.parser.parse_args(flags))
-        _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
+        _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n.item(), args, 0.3, 1)
         keep = (~mb.is_eot).double() if exclude else torch.ones_like(m)
         expected = 0.3 * (torch.clamp(kl, max=cap) * keep * m).sum() / n
         assert_close(terms["opd"], expected)
@@ -638,7 +638,7 @@ def test_frozen_teacher_uses_its_own_weights_and_head_against_float64_forwards()
     mb.w_teacher = ref.lm_head_weight.detach()
     args = parse("--algo", "distill", "--alpha", "0", "--kl_cap", "0", "--teacher", "frozen")
     n = mb.mask.sum()
-    loss, sums, _ = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, n_tokens=n.item()), args, 0.3, 1)
+    loss, sums, _ = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n.item(), args, 0.3, 1)
     z_s = response_logits(model, mb.x, mb.resp)  # the student's own forward
     z_t = response_logits(ref, mb.cx, mb.resp).detach()  # the frozen teacher's own forward
     expected = 0.3 * (sdpg.full_vocab_reverse_kl(z_s, z_t) * mb.mask).sum() / n
@@ -650,7 +650,7 @@ def test_frozen_teacher_uses_its_own_weights_and_head_against_float64_forwards()
         assert_close(g, g_ref)
     assert all(p.grad is None for p in ref.parameters())  # nothing reaches the frozen teacher
     # the hybrid the option once computed (pi_ref's trunk under the model's head) is another loss
-    hybrid = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, w_teacher=None, n_tokens=n.item()),
+    hybrid = sdpg.minibatch_loss(model, model.lm_head_weight, dataclasses.replace(mb, w_teacher=None), n.item(),
                                  args, 0.3, 1)[0]
     assert abs(hybrid.item() - loss.item()) > 0.05 * loss.item()
 
@@ -724,8 +724,8 @@ def test_smoke_run_writes_log_checkpoint_summary_and_reuses_warm_start(tmp_path)
     assert log[0]["phase"] == "config" and log[0]["world_size"] == 1 and log[0]["group_size"] == 4
     rl, evals = phase(log, "rl"), phase(log, "eval")
     assert [r["step"] for r in rl] == [1, 2, 3] and [r["step"] for r in evals] == [0, 2, 3]
-    for key in ["reward", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref", "entropy", "resp_len",
-                "beta", "clip_frac", "tok_per_s", "dt"]:
+    for key in ["reward", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref_k3", "entropy", "resp_len",
+                "beta_k", "clip_frac", "tok_per_s", "dt"]:
         assert all(math.isfinite(r[key]) for r in rl), key
     # mean@4 is logged once: pass@1 of 4 samples is the same number, so it is not logged again
     assert all("mean@4" in r and not any(k.startswith("pass@") for k in r) for r in evals)
@@ -754,14 +754,14 @@ def test_a_run_logs_beta_of_k_and_loss_terms_that_sum_to_the_loss(flags, tmp_pat
     args, rl = log[0], phase(log, "rl")
     if "--algo" not in flags:  # by hand at k = 1: 0.05 * (1 / 0.75) capped at 1 * (5 / 5.25)
         assert args["beta_warmup"] == 1 / 8 and args["beta_decay"] == 7 / 8 and args["beta_horizon"] == T
-        assert rl[0]["beta"] == pytest.approx(0.05 * 1.0 * (5 / 5.25))
-        assert rl[-1]["beta"] == 0.0
+        assert rl[0]["beta_k"] == pytest.approx(0.05 * 1.0 * (5 / 5.25))
+        assert rl[-1]["beta_k"] == 0.0
     expected_beta = [sdpg.beta_schedule(k, T, args["beta"], args["beta_warmup"], args["beta_decay"])
                      if args["algo"] != "grpo" else 0.0 for k in range(1, T + 1)]
-    assert [r["beta"] for r in rl] == expected_beta
+    assert [r["beta_k"] for r in rl] == expected_beta
     for r in rl:
         out_term = 0.0 if args["algo"] == "distill" else r["loss_out"]
-        opd = r["beta"] * r["loss_opd"] if "loss_opd" in r else 0.0
+        opd = r["beta_k"] * r["loss_opd"] if "loss_opd" in r else 0.0
         assert r["loss"] == pytest.approx(out_term + args["alpha"] * r["loss_ref"] + opd, rel=1e-4, abs=1e-7)
         assert "loss_opd" not in r or r["loss_opd"] <= r["kl_teacher"] + 1e-6
 
@@ -776,11 +776,11 @@ def test_baselines_run_end_to_end(flags, tmp_path, monkeypatch, capsys):
     assert len(rl) == 3 and all(math.isfinite(r["loss"]) and 0 <= r["signal_frac"] <= 1 for r in rl)
     if "rlsd" in flags:  # lambda 0.5 decays linearly to 0 over 50 steps, k counted from 1
         assert [r["rlsd_lambda"] for r in rl] == [0.5 * (1 - k / 50) for k in (1, 2, 3)]
-        assert "kl_teacher" not in rl[0] and all(r["beta"] == 0 for r in rl)
+        assert "kl_teacher" not in rl[0] and all(r["beta_k"] == 0 for r in rl)
     else:  # teacher_acc is the frozen teacher's, the same at every evaluation; the model's view beside it
         frozen = [r["teacher_acc"] for r in evals]
         assert len(set(frozen)) == 1 and all("current_teacher_acc" in r for r in evals)
-        assert all(r["beta"] == 0.05 for r in rl)
+        assert all(r["beta_k"] == 0.05 for r in rl)
 
 
 def test_resume_continues_exactly_as_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
@@ -809,19 +809,19 @@ def test_resume_keeps_the_schedule_of_the_run_it_continues(tmp_path, monkeypatch
     out = str(tmp_path / "run")
     tiny = TINY + ["--sft_until", "0", "--eval_every", "0", "--out_dir", out]
     assert run_main(monkeypatch, capsys, tiny + ["--rl_steps", "4"]).returncode == 0
-    assert [r["beta"] for r in phase(read_log(out), "rl")][-1] == 0.0  # beta(T) = 0
+    assert [r["beta_k"] for r in phase(read_log(out), "rl")][-1] == 0.0  # beta(T) = 0
     ckpt = os.path.join(out, "ckpt.pt")
     p = run_main(monkeypatch, capsys, ["--resume", ckpt, "--rl_steps", "8"])
     assert p.returncode == 0, p.stderr
     assert "beta keeps the schedule it ran with, which ends at step 4" in p.stdout
     log = read_log(out)
-    assert [r["beta"] for r in phase(log, "rl")][4:] == [0.0] * 4
+    assert [r["beta_k"] for r in phase(log, "rl")][4:] == [0.0] * 4
     assert phase(log, "resume")[0]["changed"] == {"rl_steps": [4, 8]}
     assert phase(log, "resume")[0]["schedule"] == {"warmup": 0.5, "decay": 3.5, "horizon": 4}
     assert log[-1]["phase"] == "eval" and log[-1]["step"] == 8
     p = run_main(monkeypatch, capsys, ["--rl_steps", "10", "--beta_decay", "0.5", "--resume", ckpt])
     assert p.returncode == 0 and "the schedule ends at step 10" in p.stdout, p.stdout
-    assert [r["beta"] for r in phase(read_log(out), "rl")][8:] == [sdpg.beta_schedule(k, 10, 0.05, 1 / 8, 0.5)
+    assert [r["beta_k"] for r in phase(read_log(out), "rl")][8:] == [sdpg.beta_schedule(k, 10, 0.05, 1 / 8, 0.5)
                                                                   for k in (9, 10)]
     last = phase(read_log(out), "resume")[-1]
     assert last["changed"] == {"rl_steps": [8, 10], "beta_decay": [7 / 8, 0.5], "beta_horizon": [4, 10]}
@@ -1375,14 +1375,14 @@ for r, (n_tok, sign) in enumerate([(4, 1.0), (7, -1.0)]):
 # reference: one process holding both batches, token-mean over all their tokens
 n_all = sum(b.mask.sum().item() for b in batches)
 model.zero_grad()
-sum(sdpg.minibatch_loss(model, model.lm_head_weight, test_sdpg.dataclasses.replace(b, n_tokens=n_all), args, 0.3, 1)[0] for b in batches).backward()
+sum(sdpg.minibatch_loss(model, model.lm_head_weight, b, n_all, args, 0.3, 1)[0] for b in batches).backward()
 ref = torch.cat([p.grad.flatten() for p in model.parameters()])
 # two ranks under DDP, each with its own batch, through the same calls as the training loop
 model.zero_grad()
 ddp = DDP(model)
 mine = batches[rank]
 n_global = sdpg.all_sum(mine.mask.sum().clone()).item()
-loss, _, _ = sdpg.minibatch_loss(ddp, model.lm_head_weight, test_sdpg.dataclasses.replace(mine, n_tokens=n_global), args, 0.3, 2)
+loss, _, _ = sdpg.minibatch_loss(ddp, model.lm_head_weight, mine, n_global, args, 0.3, 2)
 loss.backward()
 got = torch.cat([p.grad.flatten() for p in model.parameters()])
 torch.testing.assert_close(got, ref)
@@ -1861,10 +1861,10 @@ def test_bfloat16_on_cpu_runs_and_its_warm_start_is_not_reused_in_float32(tmp_pa
     log16 = read_log(out)
     rl16 = [r for r in log16 if r["phase"] == "rl"]
     assert log16[0]["dtype"] == "bfloat16" and len(rl16) == 3
-    for key in ["loss", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref", "entropy"]:
+    for key in ["loss", "loss_out", "loss_opd", "loss_ref", "kl_teacher", "kl_ref_k3", "entropy"]:
         assert all(math.isfinite(r[key]) for r in rl16), key
     for r in rl16:  # the terms are fp32 sums of bf16-autocast forwards: they still add up to the loss
-        expected = r["loss_out"] + log16[0]["alpha"] * r["loss_ref"] + r["beta"] * r["loss_opd"]
+        expected = r["loss_out"] + log16[0]["alpha"] * r["loss_ref"] + r["beta_k"] * r["loss_opd"]
         assert r["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
         assert 0 <= r["loss_opd"] <= r["kl_teacher"] + 1e-6 and r["clip_frac"] < 0.5
     p = run_script(tiny)  # the CPU default, float32, in the same out_dir: its own warm start

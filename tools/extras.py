@@ -135,15 +135,16 @@ def kl_location(run, mb):
             "kl_teacher_pos": s[3] / max(s[4], 1e-30), "tokens_pos": s[4] / s[5]}
 
 
-def loss_diagnostics(run, beta, mb):
+def loss_diagnostics(run, beta_k, mb):
     """Each term's gradient norm on its own (of the unwrapped model, averaged over ranks like
     DDP's), the out/opd cosine, and for the student-teacher and policy-reference pairs the exact KL
     next to k1, k2, k3 (mean and std over the response tokens of all ranks). Touches no .grad."""
     model, a, ws = run.model, run.args, run.world_size
     params = [p for p in model.parameters() if p.requires_grad]
     out, grads = {}, {}
+    n_tokens = sdpg.all_sum(mb.mask.sum()).item()  # the global mini-batch's, as update() counts
     with run.ctx:
-        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, a, beta, ws)
+        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n_tokens, a, beta_k, ws)
     # the gradients, norms and cosine in fp32 outside autocast, as loss.backward() runs
     with torch.autocast(params[0].device.type, enabled=False):
         for k, term in terms.items():
@@ -178,15 +179,15 @@ def loss_diagnostics(run, beta, mb):
 
 
 def make_hook(diag_every, where=None):
-    """hook(run, k, beta, mb) for sdpg.main: where(run, k, mb) (the KL location of addition by
+    """hook(run, k, beta_k, mb) for sdpg.main: where(run, k, mb) (the KL location of addition by
     default) every step, diagnostics every diag_every steps (the first included)."""
-    def hook(run, k, beta, mb):
+    def hook(run, k, beta_k, mb):
         if where is not None:
             rec = where(run, k, mb)
         else:
             rec = kl_location(run, mb) if mb.h_teacher is not None else {}
         if diag_every and (k - 1) % diag_every == 0:
-            rec.update(loss_diagnostics(run, beta, mb))
+            rec.update(loss_diagnostics(run, beta_k, mb))
         return rec
     return hook
 

@@ -15,7 +15,7 @@ moved at all. The fields go into that step's "rl" record of log.jsonl and are pr
     ratio_maxdev   max |r_t - 1| over them
     clip_frac0     fraction of them with r_t outside [1 - clip_low, 1 + clip_high]
 
-Uses the extension point sdpg.main(argv=None, task=None, hook=None): hook(run, step, beta, mb) runs
+Uses the extension point sdpg.main(argv=None, task=None, hook=None): hook(run, step, beta_k, mb) runs
 on each RL step's first mini-batch before its update and returns extra fields for the step's record.
 """
 import json
@@ -68,7 +68,7 @@ def first_ratio_stats(run, mb):
     return {"ratio_mean": total / n, "ratio_maxdev": maxdev.item(), "clip_frac0": n_outside / n, "ratio_tokens": int(n)}
 
 
-def ratio_hook(run, step, beta, mb):
+def ratio_hook(run, step, beta_k, mb):
     """sdpg.main's hook: the ratio fields at step HOOK_STEP only, nothing at the others."""
     if step != HOOK_STEP:
         return {}

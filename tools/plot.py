@@ -19,7 +19,7 @@ PANELS = [("eval", "eval_acc", "student accuracy (held-out, greedy)"),
           ("rl", "reward", "rollout reward"),
           ("rl", "kl_teacher", "KL(student || teacher), nats/token"),
           ("rl", "entropy", "student entropy, nats/token"),
-          ("rl", "kl_ref", "KL(policy || reference), k3"),
+          ("rl", "kl_ref_k3", "KL(policy || reference), k3"),
           ("rl", "resp_len", "response length, tokens"),
           ("rl", "loss_out", "outcome loss")]
 
@@ -102,7 +102,7 @@ def summary(path):
     out = ["| RL step | " + " | ".join(str(r["step"]) for r in evals) + " |", "|---" * (len(evals) + 1) + "|"]
     out += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for r in evals) + " |" for name, k in rows]
     out += ["", "| metric | first 10 steps | last 10 steps |", "|---|---|---|"]
-    for k in ("reward", "kl_teacher", "entropy", "kl_ref", "beta"):
+    for k in ("reward", "kl_teacher", "entropy", "kl_ref_k3", "beta_k"):
         if rl and k in rl[0]:
             first, last = [r[k] for r in rl[:10]], [r[k] for r in rl[-10:]]
             out.append(f"| `{k}` | {sum(first) / len(first):.3g} | {sum(last) / len(last):.3g} |")

@@ -78,7 +78,7 @@ FLOAT_CONFIGS = {"default": {},
                  "scalar": {"ATEN_CPU_CAPABILITY": "default"},  # torch's unvectorised kernels (3x)
                  "threads2": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}}  # two threads a run
 KEEP = {"eval": ("eval_acc", "teacher_acc", "current_teacher_acc"),  # the fields collected from each log
-        "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref", "loss_opd", "beta", "eot_kl_share",
+        "rl": ("reward", "signal_frac", "entropy", "resp_len", "kl_teacher", "kl_ref_k3", "loss_opd", "beta_k", "eot_kl_share",
                "wrong_kl_share", "kl_teacher_pos", "tokens_pos"),
         "diag": ("grad_norm_out", "grad_norm_opd", "grad_norm_ref", "grad_cos_out_opd")}  # rl records with diagnostics
 

@@ -5,7 +5,6 @@ figures; CPU only. The training algorithm's own tests are in ../test_sdpg.py, wh
 
     python -m pytest -q test_sdpg.py tools/test_tools.py
 """
-import dataclasses
 import importlib.util
 import json
 import math
@@ -54,9 +53,8 @@ def test_loss_diagnostics_against_their_definitions():
     args = parse("--alpha", "0.2", "--opd_gate", "all")
     args.group_size = 1  # every fixed rollout has its own prompt
     n = mb.mask.sum().item()
-    mb = dataclasses.replace(mb, n_tokens=n)
     diag = extras.loss_diagnostics(make_run(model, args), 0.3, mb)  # reference = the model itself
-    _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, 1)
+    _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n, args, 0.3, 1)
     params = list(model.parameters())
     g = {k: torch.cat([x.flatten() for x in torch.autograd.grad(v, params, retain_graph=True)])
          for k, v in terms.items()}
@@ -157,9 +155,8 @@ def test_gradient_cosine_is_float32_under_autocast():
     args = parse("--alpha", "0.2", "--opd_gate", "all")
     args.group_size = 1  # every fixed rollout has its own prompt
     params = list(model.parameters())
-    mb = dataclasses.replace(mb, n_tokens=mb.mask.sum().item())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, args, 0.3, 1)
+        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, mb.mask.sum().item(), args, 0.3, 1)
         diag = extras.loss_diagnostics(make_run(model, args, ctx=torch.autocast("cpu", dtype=torch.bfloat16)), 0.3, mb)
     g = {k: torch.cat([x.flatten() for x in torch.autograd.grad(terms[k], params, retain_graph=True)]).double()
          for k in ("out", "opd")}

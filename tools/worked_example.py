@@ -47,8 +47,8 @@ def worked_example(model, enc, task, problem, args, seed):
     n_tok = mask.sum().item()
     mb = sdpg.Rollouts([problem], x.repeat_interleave(G, 0), cx.repeat_interleave(G, 0), resp, mask,
                        resp == enc.eot_token, rewards, old_logp=logp, ref_logp=logp, adv=adv,
-                       h_teacher=ht, w_teacher=W.detach(), n_tokens=n_tok)
-    loss, _, terms = sdpg.minibatch_loss(model, W, mb, args, args.beta, 1)
+                       h_teacher=ht, w_teacher=W.detach())
+    loss, _, terms = sdpg.minibatch_loss(model, W, mb, n_tok, args, args.beta, 1)
     params = [p for p in model.parameters()]
     term_grad = {}
     for k, v in terms.items():  # each term's gradient norm: a term can be 0 and still move the weights
