@@ -17,8 +17,9 @@ under --recipe paper (the gate [A_i > 0], a beta triangle, clip 0.2/0.2) or rele
 constant beta, clip 0.2/0.28): RECIPES below. A typed flag wins; log.jsonl holds what ran.
 
 Deliberate choices:
- 1. The teacher is the current model, recomputed without gradient in every mini-batch, as the
-    official code does (--teacher frozen: pi_ref reads c, head included; ema: an EMA of the model).
+ 1. The teacher is the teacher view (c + x) of the weights --teacher names: by default the
+    current model, recomputed without gradient in every mini-batch, as the official code does;
+    frozen: pi_ref (head included); ema: an EMA of the model. teacher_acc logs this teacher.
  2. pi_ref is a frozen copy of the warm start; pi_old, the weights that sampled, gives the ratio.
  3. Every term is a token-mean over the response tokens of the global mini-batch (all ranks);
     gated-out rollouts count with zero loss. (Official: per micro-batch, close at LLM scale.)
@@ -256,8 +257,8 @@ add("--grad_clip", type=nonneg, default=1.0, help="max global grad norm, both st
 add("--temperature", type=positive, default=1.0, help="of the rollouts and of every log-prob")
 add("--max_new_tokens", type=size, default=8, help="longest response")
 add("--beta", type=nonneg, default=0.05, help="the peak weight of the distillation term")
-add("--kl_mode", default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="L_ref's form")
-add("--teacher", default="current", choices=["current", "frozen", "ema"], help="its weights")
+add("--kl_mode", default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="anchor L_ref's form")
+add("--teacher", default="current", choices=["current", "frozen", "ema"], help="teacher weights")
 add("--opd_exclude_eot", action="store_true", help="no distillation on end-of-text tokens")
 add("--recipe", default="paper", choices=["paper", "release"], help="sets the 9 flags below")
 add("--opd_gate", choices=["positive", "all"], help=recipe_help("opd_gate", "distil A > 0, or all"))

@@ -28,11 +28,11 @@ teacher uses.
 import argparse
 import json
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chain  # noqa: E402
-import passk  # noqa: E402
 import study  # noqa: E402
 from study import fmt, load, mean_std  # noqa: E402
 
@@ -57,8 +57,9 @@ def run_chain(seeds, fp, results, jobs=2):
     jsonl = os.path.join(results, f"passk_{study.tag('derivation', fp)}.jsonl")
     if os.path.exists(jsonl):
         os.remove(jsonl)
-    passk.main(["--study", os.path.join(out_root, "derivation"), "--jsonl", jsonl,
-                "--figure", jsonl[:-len(".jsonl")] + ".png"])
+    subprocess.run([sys.executable, os.path.join(study.ROOT, "tools", "passk.py"), "--study",  # under fp too
+                    os.path.join(out_root, "derivation"), "--jsonl", jsonl, "--figure", jsonl[:-len(".jsonl")] + ".png"],
+                   env={**os.environ, **study.FLOAT_CONFIGS[fp]}, check=True)
 
 
 def gap(runs, arm, ref, value):
