@@ -140,6 +140,42 @@ def passk_table(path):
     return "\n".join(rows)
 
 
+def views(run):
+    """(steps, the teacher's view, the model's view) over a run's evaluations: the privileged
+    view's accuracy of the weights distilled from, and of the weights being trained."""
+    ev = run["eval"]
+    return ([r["step"] for r in ev], [r["teacher_acc"] for r in ev],
+            [r.get("current_teacher_acc", r["teacher_acc"]) for r in ev])
+
+
+def view_figure(results, fp, out):
+    """Per task, the teacher's view and the model's view over RL for every arm that distils (and
+    the model's view under GRPO): mean over seeds, min to max as a band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tasks = [t for t in TASKS if os.path.exists(os.path.join(results, f"{study.tag(t, fp)}.jsonl"))]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(13, 4.2 * len(tasks)), squeeze=False)
+    colors = dict(zip([a for arms in RECIPES.values() for a in arms[:3]] + ["grpo"],
+                      plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for row, task in zip(axes, tasks):
+        runs = load(os.path.join(results, f"{study.tag(task, fp)}.jsonl"))
+        for arm, color in colors.items():
+            if arm not in runs:
+                continue
+            curves = [views(run) for run in runs[arm].values()]
+            for ax, i, what in ((row[0], 1, "the teacher's view (weights distilled from)"),
+                                (row[1], 2, "the model's view (weights trained, reading c)")):
+                if arm != "grpo" or i == 2:
+                    study.band(ax, curves[0][0], [c[i] for c in curves], color,
+                               f"{arm} ({TEACHER.get(arm, 'none')})", f"{task} task: {what}")
+        row[0].set_ylabel("held-out accuracy, greedy")
+        row[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return out
+
+
 def main(results, fp="default"):
     """teachers[_<fp>].md from each task's collected runs, <task>[_<fp>].jsonl, and its pass@k,
     passk[_<fp>].jsonl (the default task) or passk_derivation[_<fp>].jsonl (the chain task)."""
@@ -157,6 +193,10 @@ def main(results, fp="default"):
     with open(path, "w") as f:
         f.write("\n".join(md))
     print("\n".join(md))
+    try:
+        print("figure:", view_figure(results, fp, path[:-len(".md")] + "_views.png"))
+    except ImportError:
+        print("no figure: matplotlib is not installed (pip install matplotlib)")
     return path
 
 

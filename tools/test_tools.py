@@ -571,6 +571,9 @@ def test_teachers_tables_by_hand(tmp_path):
                 f.write(json.dumps({"arm": arm, "run_seed": seed, "n": 3, "problems": 10,
                                     "pass_at_k": [[k + 1, m, 0.01] for k, m in enumerate(curve)]}) + "\n")
     md = open(teachers.main(str(tmp_path))).read()
+    runs = teachers.load(str(tmp_path / "default.jsonl"))
+    assert teachers.views(runs["release_ema"][0]) == ([0, 200], [1.0, 0.9], [1.0, 0.7])  # EMA's, model's
+    assert teachers.views(runs["release"][1]) == ([0, 200], [1.0, 0.8], [1.0, 0.8])  # one under current
     ema = next(line for line in md.splitlines() if line.startswith("| release_ema |"))
     assert "| +0.015 ± 0.049 (1/2) |" in ema  # - release: +0.05 and -0.02
     assert "| +0.090 ± 0.014 (2/2) |" in ema  # - release_beta0: +0.10, +0.08
