@@ -2,8 +2,8 @@
 The task, the tokenizer and the verifier.
 
 Task: add two d-digit numbers (d = 2 by default, --digits) and write the (d+1)-digit sum
-reversed, least significant digit first. Reversal lets a left-to-right model produce each digit after the carry
-that decides it, the usual trick that makes addition learnable by a small GPT.
+reversed, least significant digit first. Reversal lets a left-to-right model produce each digit
+after the carry that decides it, the usual trick that makes addition learnable by a small GPT.
 
 Worked example with --digits 3, a = 7, b = 596 (sum 603):
 
@@ -100,13 +100,14 @@ class AdditionTask:
     def __init__(self, digits=NUM_DIGITS, eval_size=1000):
         if not 1 <= digits <= 6:
             raise ValueError(f"--digits must be in [1, 6] (got {digits})")
-        if not 1 <= eval_size <= min(100_000, 10 ** (2 * digits) // 2):
-            raise ValueError(f"--eval_size must be in [1, {min(100_000, 10 ** (2 * digits) // 2)}]: at least "
-                             f"half of the {10 ** (2 * digits)} problems stay for training")
+        most = min(100_000, 10 ** (2 * digits) // 2)
+        if not 1 <= eval_size <= most:
+            raise ValueError(f"--eval_size must be in [1, {most}]: at least half of the "
+                             f"{10 ** (2 * digits)} problems stay for training")
         self.digits = digits
         a, b = eval_problems(eval_size, digits)
         self.eval_set = list(zip(a.tolist(), b.tolist()))
-        self.held_out = np.sort(a * 10 ** digits + b)  # keys a * 10**d + b, never sampled for training
+        self.held_out = np.sort(a * 10 ** digits + b)  # keys a * 10**d + b, never drawn to train
 
     def __repr__(self):  # names the settings: it keys the warm-start cache (sdpg.sft_key)
         return f"AdditionTask(digits={self.digits}, eval_size={len(self.eval_set)})"
@@ -168,7 +169,8 @@ def encode_batch(enc, task, problems, rng):
     that involve chance, one per problem, in order. Lengths may differ from problem to problem."""
     hint = enc.encode_single_token(HINT)
     student = [encode_chars(enc, task.prompt(p)) for p in problems]
-    teacher = [[hint] + encode_chars(enc, task.context(p, rng)) + [hint] + x for p, x in zip(problems, student)]
+    teacher = [[hint] + encode_chars(enc, task.context(p, rng)) + [hint] + x
+               for p, x in zip(problems, student)]
     targets = [encode_chars(enc, task.answer(p)) + [enc.eot_token] for p in problems]
     return student, teacher, targets
 
