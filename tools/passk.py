@@ -62,20 +62,31 @@ def sample_correct(model, enc, task, problems, n, max_new_tokens, seed, batch=10
     return counts
 
 
+def load_model(path):
+    """The student of a ckpt.pt or sft.pt written by sdpg.py, in eval mode, with the checkpoint
+    and its settings (ckpt.pt: the run's config; sft.pt: its warm-start key); a file that is not
+    one, or whose weights do not fit its model_args: a one-line ValueError. (Also the checkpoint
+    reader of teacher_signal.py and worked_example.py.)"""
+    ckpt = sdpg.load_checkpoint(path, {"model": dict})
+    cfg = ckpt.get("config") or ckpt.get("key") or {}
+    try:
+        model = GPT(GPTConfig(**(ckpt.get("model_args") or cfg["model_args"])))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: the weights do not fit the model it names "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return model.eval(), ckpt, cfg
+
+
 def read(path, n, problems, seed):
     """pass@k of one ckpt.pt or sft.pt: a record with the curve and the per-problem counts."""
-    ckpt = sdpg.load_checkpoint(path, {"model": dict})
-    cfg = ckpt.get("config") or ckpt.get("key") or {}  # ckpt.pt: the run's config; sft.pt: its key
-    model_args = ckpt.get("model_args") or cfg["model_args"]
+    model, ckpt, cfg = load_model(path)
     max_new = cfg.get("max_new_tokens", 8)
-    model = GPT(GPTConfig(**model_args))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
     chain_task = re.match(r"ChainTask\(eval_size=(\d+), context='(\w+)'", str(ckpt.get("task") or cfg.get("task")))
     if chain_task:  # tools/chain.py's task: its held-out set of the run's --eval_size
         task = chain.ChainTask(int(chain_task[1]), chain_task[2])
     else:  # addition: the digits follow from the block size, c + x being 2d + 2 + d + 3 tokens
-        task = AdditionTask((model_args["block_size"] - max_new - 5) // 3, eval_size=1000)
+        task = AdditionTask((model.config.block_size - max_new - 5) // 3, eval_size=1000)
     if problems > len(task.eval_set):
         raise ValueError(f"--problems {problems}: the held-out set has {len(task.eval_set)}")
     counts = sample_correct(model, get_encoding(), task, task.eval_set[:problems], n, max_new, seed)

@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 from data import AdditionTask, decode_response, encode_batch, get_encoding  # noqa: E402
-from model import GPT, GPTConfig, chunked_token_logprobs, fused_reverse_kl  # noqa: E402
-from sdpg import load_checkpoint  # noqa: E402
+from model import chunked_token_logprobs, fused_reverse_kl  # noqa: E402
+from passk import load_model  # noqa: E402  (tools/passk.py's checkpoint reader)
 
 
 def signal_table(model, enc, task, a, b, resp, temperature=1.0, seed=0):
@@ -50,18 +50,13 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     try:
-        ckpt = load_checkpoint(args.ckpt, {"model": dict})
+        model, ckpt, cfg = load_model(args.ckpt)
     except ValueError as e:
         sys.exit(f"teacher_signal.py: error: {e}")
-    cfg = ckpt.get("config") or ckpt.get("key") or {}  # ckpt.pt has the run's config, sft.pt its warm-start key
-    model_args, enc = ckpt.get("model_args") or cfg["model_args"], get_encoding()
-    max_new = cfg.get("max_new_tokens", 8)
-    digits = cfg.get("digits", (model_args["block_size"] - max_new - 5) // 3)  # c + x: 3d + 5 tokens
+    enc, max_new = get_encoding(), cfg.get("max_new_tokens", 8)
+    digits = cfg.get("digits", (model.config.block_size - max_new - 5) // 3)  # c + x: 3d + 5 tokens
     if not (0 <= args.a < 10 ** digits and 0 <= args.b < 10 ** digits):
         sys.exit(f"teacher_signal.py: error: operands must have at most {digits} digits (the checkpoint's task)")
-    model = GPT(GPTConfig(**model_args))
-    model.load_state_dict(ckpt["model"])
-    model.eval()
     task = AdditionTask(digits, 1)
     student = encode_batch(enc, task, [(args.a, args.b)], np.random.default_rng(args.seed))[0]
     answers = [task.answer((args.a, args.b))]

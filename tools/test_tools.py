@@ -531,6 +531,27 @@ def test_passk_of_a_checkpoint_counts_what_the_verifier_says(tmp_path, monkeypat
     assert again["counts"] == recs[0]["counts"]
 
 
+def test_checkpoint_readers_refuse_weights_that_do_not_fit_in_one_line(tmp_path, capsys):
+    """passk.load_model, the reader of passk.py, teacher_signal.py and worked_example.py: a file
+    whose weights do not fit the model_args it names, or that names none, is one ValueError line
+    (passk.py: one error line and exit 1); a good one loads the weights it holds."""
+    import passk
+    model = tiny_gpt()
+    good = {"model": model.state_dict(), "model_args": vars(model.config)}
+    torch.save(good, tmp_path / "good.pt")
+    loaded, _, _ = passk.load_model(str(tmp_path / "good.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    for name, bad in (("wide", {**good, "model_args": {**vars(model.config), "n_embd": 64}}),
+                      ("unnamed", {"model": good["model"]}), ("odd", {**good, "model_args": {"width": 3}})):
+        torch.save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError) as e:
+            passk.load_model(str(tmp_path / f"{name}.pt"))
+        assert "\n" not in str(e.value) and "do not fit" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        passk.main([str(tmp_path / "wide.pt")])
+    assert str(e.value).startswith("passk.py: error:") and "\n" not in str(e.value)
+
+
 def test_passk_reads_the_chain_task_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     """A chain run's ckpt.pt: pass@k samples the first problems of the run's own held-out chains
     (its --eval_size), never addition's; more problems than that set holds are refused."""

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 import sdpg  # noqa: E402
 from data import AdditionTask, decode_response, encode_batch, get_encoding  # noqa: E402
-from model import GPT, GPTConfig, chunked_token_logprobs, response_hidden  # noqa: E402
+from model import chunked_token_logprobs, response_hidden  # noqa: E402
+from passk import load_model  # noqa: E402  (tools/passk.py's checkpoint reader)
 
 
 def worked_example(model, enc, task, problem, args, seed):
@@ -142,18 +143,15 @@ if __name__ == "__main__":
     p.add_argument("--figure", default="", help="also draw the group to this PNG (needs matplotlib)")
     mine, rest = p.parse_known_args()
     try:
-        ckpt = sdpg.load_checkpoint(mine.ckpt, {"model": dict})
+        model, _, _ = load_model(mine.ckpt)
     except ValueError as e:
         sys.exit(f"worked_example.py: error: {e}")
-    model_args = ckpt.get("model_args") or ckpt.get("key", {}).get("model_args")  # ckpt.pt, sft.pt
     args = sdpg.resolve(sdpg.parser.parse_args(rest))
     enc = get_encoding()
-    digits = (model_args["block_size"] - args.max_new_tokens - 5) // 3  # c + x: 2d + 2 + d + 3
+    digits = (model.config.block_size - args.max_new_tokens - 5) // 3  # c + x: 2d + 2 + d + 3
     task = AdditionTask(digits, eval_size=1)
     if not all(0 <= v < 10 ** task.digits for v in (mine.a, mine.b)):
         sys.exit(f"worked_example.py: error: operands must have at most {task.digits} digits (the checkpoint's task)")
-    model = GPT(GPTConfig(**model_args))
-    model.load_state_dict(ckpt["model"])
     for seed in [mine.seed] if mine.seed is not None else range(100):
         ex = worked_example(model, enc, task, (mine.a, mine.b), args, seed)
         if mine.seed is not None or 0 < sum(r["reward"] for r in ex["rollouts"]) < args.group_size:
