@@ -10,7 +10,7 @@ y ~ student. At RL step k = 1..T the loss, a token-mean over the response tokens
              r_t = pi_theta(y_t) / pi_old(y_t),  A_i = (R_i - mean_G R) / (std_G R + eps)
     L_OPD  = [A_i > 0] * min(20, sum_a p_t(a) (log p_t(a) - log SG q_t(a)))   over every token a
     L_ref  = 0.5 * (log pi_theta(y_t) - log pi_ref(y_t))^2        (urkl; ufkl, rkl, fkl too)
-    beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay)   (T_warm, T_decay: shares of T)
+    beta(k) = beta * min(1, k / T_warm) * min(1, (T - k) / T_decay)   (steps; flags: shares of T)
 
 Stage 1, a supervised warm start standing in for pretraining, teaches both views; stage 2 is RL
 under --recipe paper (the gate [A_i > 0], a beta triangle, clip 0.2/0.2) or release (no gate,
@@ -260,7 +260,7 @@ add("--beta", type=nonneg, default=0.05, help="the peak weight of the distillati
 add("--kl_mode", default="urkl", choices=["urkl", "ufkl", "rkl", "fkl"], help="anchor L_ref's form")
 add("--teacher", default="current", choices=["current", "frozen", "ema"], help="teacher weights")
 add("--opd_exclude_eot", action="store_true", help="no distillation on end-of-text tokens")
-add("--recipe", default="paper", choices=["paper", "release"], help="sets the 9 flags below")
+add("--recipe", default="paper", choices=["paper", "release"], help="the 9 below (sdpg, distill)")
 add("--opd_gate", choices=["positive", "all"], help=recipe_help("opd_gate", "distil A > 0, or all"))
 add("--beta_warmup", type=share, help=recipe_help("beta_warmup", "T_warm / T (0 off)"))
 add("--beta_decay", type=share, help=recipe_help("beta_decay", "T_decay / T (0 off)"))
