@@ -843,7 +843,7 @@ def test_a_resume_with_only_resume_and_rl_steps_continues_the_run_it_names(tmp_p
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert run_main(monkeypatch, capsys, mine + ["--out_dir", full]).returncode == 0
 
-    def ctrl_c_at_step_2(run, k, beta, mb):
+    def ctrl_c_at_step_2(run, k, beta_k, mb):
         if k == 2:
             os.kill(os.getpid(), signal.SIGINT)  # the handler asks the loop to stop after this step
 
@@ -867,7 +867,7 @@ def test_ema_teacher_follows_the_recurrence_by_hand(tmp_path, monkeypatch):
     record's teacher_acc is the EMA weights' privileged view, current_teacher_acc the model's."""
     seen = []
 
-    def record(run, k, beta, mb):  # before step k's update: the model after step k - 1
+    def record(run, k, beta_k, mb):  # before step k's update: the model after step k - 1
         seen.append([p.detach().double().clone() for p in run.model.parameters()])
         if k == 1:  # the EMA starts at the warm start, which pi_ref also is
             assert all(torch.equal(a, b) for a, b in zip(run.teacher_model.parameters(), run.ref_model.parameters()))
@@ -896,10 +896,10 @@ def test_ema_teacher_is_the_distillation_target_of_every_mini_batch(tmp_path, mo
     state, calls = {}, []
     real_loss = sdpg.minibatch_loss
 
-    def grab(run, k, beta, mb):
+    def grab(run, k, beta_k, mb):
         state["run"], state["k"] = run, k
 
-    def checked(model, weight, mb, args, beta_k, world_size):
+    def checked(model, weight, mb, n_tokens, args, beta_k, world_size):
         run = state["run"]
         teacher = run.teacher_model
         with torch.no_grad():
@@ -911,7 +911,7 @@ def test_ema_teacher_is_the_distillation_target_of_every_mini_batch(tmp_path, mo
             assert (mb.h_teacher - current_h).abs().max() > 1e-4
             assert not torch.equal(mb.w_teacher, run.model.lm_head_weight)
         calls.append(state["k"])
-        return real_loss(model, weight, mb, args, beta_k, world_size)
+        return real_loss(model, weight, mb, n_tokens, args, beta_k, world_size)
     monkeypatch.setattr(sdpg, "minibatch_loss", checked)
     run_in_process(monkeypatch, TINY + ["--sft_until", "0", "--teacher", "ema", "--recipe", "release", "--lr", "1e-3",
                                         "--out_dir", str(tmp_path)], hook=grab)
@@ -926,7 +926,7 @@ def test_a_resumed_ema_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, c
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run_full = run_in_process(monkeypatch, flags + ["--out_dir", full])
 
-    def ctrl_c_at_step_2(run, k, beta, mb):
+    def ctrl_c_at_step_2(run, k, beta_k, mb):
         if k == 2:
             os.kill(os.getpid(), signal.SIGINT)
     run_in_process(monkeypatch, flags + ["--out_dir", part], hook=ctrl_c_at_step_2)
@@ -1280,7 +1280,7 @@ def test_non_finite_updates_are_skipped_then_the_run_stops(tmp_path, monkeypatch
         loss, sums, terms = real_loss(*a, **kw)
         return (loss * float("nan") if state["k"] >= 2 else loss), sums, terms
 
-    def count_steps(run, k, beta, mb):
+    def count_steps(run, k, beta_k, mb):
         state["k"] = k
         return {}
 
@@ -1409,7 +1409,7 @@ import hashlib, json, os, sys
 sys.path.insert(0, sys.argv[1])
 import sdpg
 seen = {}
-def hook(run, k, beta, mb):
+def hook(run, k, beta_k, mb):
     seen.update(world_size=run.world_size, rank=run.rank)
 run = sdpg.main(sys.argv[2:], hook=hook)
 weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in run.model.parameters()))
@@ -1455,7 +1455,7 @@ def test_the_hook_sees_on_policy_rollouts_scored_by_pi_old_and_pi_ref(tau, tmp_p
         z = response_logits(model, mb.x, mb.resp, mb.x_pad).double() / float(tau)
         return torch.log_softmax(z, -1).gather(-1, mb.resp[..., None])[..., 0]
 
-    def hook(run, k, beta, mb):
+    def hook(run, k, beta_k, mb):
         G = run.args.group_size
         logp, ref = token_logprobs(run.model, mb), token_logprobs(run.ref_model, mb)
         teacher = run.model.shared_prefix_hidden(mb.cx[::G], mb.resp, G)
@@ -2094,7 +2094,7 @@ def test_main_restores_the_signal_handlers_it_replaced_twice_in_one_process(tmp_
     before = {sig: signal.signal(sig, h) for sig, h in mine.items()}
     during = []
 
-    def hook(run, k, beta, mb):
+    def hook(run, k, beta_k, mb):
         during.append(signal.getsignal(signal.SIGINT))
         return {"reward": 1.0} if "clash" in run.args.out_dir else {}
     try:
@@ -2115,7 +2115,7 @@ def test_the_hook_cannot_replace_a_field_and_its_time_is_not_the_step_s(tmp_path
     sleeps 1 s is logged as dt_hook >= 1 and the step's dt, tok_per_s leave it out."""
     import time
 
-    def slow(run, k, beta, mb):
+    def slow(run, k, beta_k, mb):
         time.sleep(1.0)
         return {"my_field": 7.0}
     out = str(tmp_path / "slow")
@@ -2138,7 +2138,7 @@ def test_non_finite_steps_stop_the_run_only_when_in_a_row(tmp_path, monkeypatch)
         loss, sums, terms = real_loss(*a, **kw)
         return (loss * float("nan") if state["k"] % 3 else loss), sums, terms
 
-    def count_steps(run, k, beta, mb):
+    def count_steps(run, k, beta_k, mb):
         state["k"] = k
     monkeypatch.setattr(sdpg, "minibatch_loss", poisoned)
     out = str(tmp_path / "run")
