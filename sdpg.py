@@ -139,7 +139,7 @@ class Rollouts:
     w_teacher: Any = None  # (V, H) the teacher's output matrix
 
     def rows(self, i, j, G):  # rows i to j-1, whole groups of G; each tensor but w_teacher has rows
-        f = {n: v[i:j] for n, v in vars(self).items() if torch.is_tensor(v) and n != "w_teacher"}
+        f = {k: v[i:j] for k, v in vars(self).items() if torch.is_tensor(v) and k != "w_teacher"}
         return dataclasses.replace(self, **f, problems=self.problems[i // G:j // G])
 
 def minibatch_loss(model, weight, mb, n_tokens, args, beta_k, world_size):
@@ -394,8 +394,8 @@ def evaluate(run, model, problems, views=("student", "teacher")):
         if mine and view in views:
             resp, _ = generate_padded(run, model, prompts[i][run.rank::run.world_size])
             correct[i] = sum(verify(run.enc, run.task, resp, mine))
-    s, t, n = all_sum(correct).tolist()
-    return tuple(v / n if view in views else None for v, view in ((s, "student"), (t, "teacher")))
+    s, t, m = all_sum(correct).tolist()  # correct by the student, by the teacher; problems
+    return tuple(v / m if view in views else None for v, view in ((s, "student"), (t, "teacher")))
 
 @torch.no_grad()
 def mean_at_n(run, problems, n):
@@ -468,12 +468,12 @@ def update(run, batch, beta_k, k, hook):
     states (no gradient), the loss, backward, and the step unless the gradient is not finite.
     Returns the metric sums by name, the skipped updates, the hook's fields and its seconds."""
     args, G = run.args, run.args.group_size
-    n = len(batch.resp) // args.num_minibatches  # rollouts per mini-batch on this rank
+    rows = len(batch.resp) // args.num_minibatches  # rollouts per mini-batch on this rank
     # response tokens of each global mini-batch, one all-reduce for all (every rank calls it)
-    n_tokens = all_sum(batch.mask.reshape(args.num_minibatches, n, -1).sum((1, 2))).tolist()
+    n_tokens = all_sum(batch.mask.reshape(args.num_minibatches, rows, -1).sum((1, 2))).tolist()
     sums, skipped, extra, dt_hook = {}, 0, {}, 0.0
     for j in range(args.num_minibatches):
-        mb = batch.rows(j * n, (j + 1) * n, G)
+        mb = batch.rows(j * rows, (j + 1) * rows, G)
         if args.algo in ("sdpg", "distill"):  # the teacher reads c + x + y, c + x once a prompt
             with torch.no_grad(), run.ctx:
                 # Row (b, t) of h_teacher predicts resp[b, t], as the student's row in
@@ -627,16 +627,16 @@ def setup_distributed(args):
         die(f"--device {args.device}: CUDA is not available on this machine")
     device = torch.device("cpu")
     if use_cuda:
-        n = torch.cuda.device_count()
+        gpus = torch.cuda.device_count()
         if ddp and args.device not in ("auto", "cuda"):
             die(f"--device {args.device} cannot be used under torchrun: each process takes "
                 f"cuda:LOCAL_RANK (use --device cuda, and CUDA_VISIBLE_DEVICES to choose)")
-        if ddp and max(env["LOCAL_WORLD_SIZE"], local_rank + 1) > n:  # every process checks
-            die(f"torchrun started more processes on this node than it has GPUs ({n}): use "
-                f"--nproc_per_node <= {n}, or --device cpu")
+        if ddp and max(env["LOCAL_WORLD_SIZE"], local_rank + 1) > gpus:  # every process checks
+            die(f"torchrun started more processes on this node than it has GPUs ({gpus}): use "
+                f"--nproc_per_node <= {gpus}, or --device cpu")
         device = torch.device(args.device if ":" in args.device else f"cuda:{local_rank}")
-        if device.index >= n:
-            die(f"--device {args.device}: this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+        if device.index >= gpus:
+            die(f"--device {args.device}: this machine has {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}")
         torch.cuda.set_device(device)  # before the process group, so that nccl binds this GPU
     if ddp:
         dist.init_process_group(**(dict(backend="nccl", device_id=device) if use_cuda else
@@ -875,12 +875,12 @@ def resume(run, ckpt):
                if k != "resume" and config.get(k) != v}
     T = args.beta_horizon
     schedule = dict(warmup=args.beta_warmup * T, decay=args.beta_decay * T, horizon=T)  # steps
-    kept = f"beta keeps the schedule it ran with, which ends at step {T} (a typed --beta_warmup " \
+    note = f"beta keeps the schedule it ran with, which ends at step {T} (a typed --beta_warmup " \
         f"or --beta_decay sets one for --rl_steps)" if T != args.rl_steps else \
         f"the schedule ends at step {T}"
     print0(f"resumed from {path} at step {ckpt['step']}" + "".join(
         f" | {k} {old} -> {new}" for k, (old, new) in changed.items()) +
-        (f" | {kept}" if args.algo in ("sdpg", "distill") else ""))
+        (f" | {note}" if args.algo in ("sdpg", "distill") else ""))
     run.log({"phase": "resume", "step": ckpt["step"], "from": path, "changed": changed,
              "schedule": schedule})
     evals = ckpt.get("evals")  # [first, latest] evaluation records, checked as every field
