@@ -149,7 +149,10 @@ def main(argv=None):
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps(rec) + "\n")
     if args.figure:
-        print(f"figure: {figure(args.jsonl, args.figure)}")
+        try:
+            print(f"figure: {figure(args.jsonl, args.figure)}")
+        except ImportError:
+            print("no figure: matplotlib is not installed (pip install matplotlib)")
 
 
 if __name__ == "__main__":
