@@ -191,7 +191,7 @@ def minibatch_loss(model, weight, mb, n_tokens, args, beta_k, world_size):
 # ---- config: every flag in one block; --help shows the value each recipe sets -------------------
 
 # What --recipe sets, unless the flag is typed; --algo grpo and rlsd use their own row, as their
-# official scripts do. T_warm and T_decay are fractions of T (--rl_steps): 50 and 350 of 400.
+# official scripts do. T_warm, T_decay: fractions of T (--rl_steps), as the paper's 50, 350 of 400.
 RECIPE_FLAGS = ("opd_gate", "beta_warmup", "beta_decay", "clip_low", "clip_high", "dual_clip",
                 "kl_cap", "alpha", "kl_in_reward")
 RECIPES = {  # gate   T_warm/T T_decay/T eps_low eps_high dual_clip kl_cap alpha kl_in_reward
@@ -636,7 +636,7 @@ def setup_distributed(args):
                 f"--nproc_per_node <= {gpus}, or --device cpu")
         device = torch.device(args.device if ":" in args.device else f"cuda:{local_rank}")
         if device.index >= gpus:
-            die(f"--device {args.device}: this machine has {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}")
+            die(f"--device {args.device}: the machine has {gpus} GPU(s), cuda:0 to cuda:{gpus - 1}")
         torch.cuda.set_device(device)  # before the process group, so that nccl binds this GPU
     if ddp:
         dist.init_process_group(**(dict(backend="nccl", device_id=device) if use_cuda else
