@@ -168,7 +168,7 @@ def view_figure(results, fp, out):
                                 (row[1], 2, "the model's view (weights trained, reading c)")):
                 if arm != "grpo" or i == 2:
                     study.band(ax, curves[0][0], [c[i] for c in curves], color,
-                               f"{arm} ({TEACHER.get(arm, 'none')})", f"{task} task: {what}")
+                               f"{arm} ({TEACHER.get(arm, 'none')})", f"{TASKS[task].split(',')[0]}: {what}")
         row[0].set_ylabel("held-out accuracy, greedy")
         row[1].legend(fontsize=7)
     fig.tight_layout()
