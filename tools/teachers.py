@@ -46,6 +46,11 @@ TASKS = {"default": "default task, student at 20%, 200 RL steps",  # collected n
 CHAIN_ARMS = ["grpo", "release", "release_frozen", "release_ema", "release_beta0"]
 
 
+def passk_path(results, task, fp):  # passk[_derivation][_<fp>].jsonl: a task's pass@k records
+    return os.path.join(results, "passk" + ("" if task == "default" else "_" + task)
+                        + ("" if fp == "default" else f"_{fp}") + ".jsonl")
+
+
 def run_chain(seeds, fp, results, jobs=2):
     """The chain task's teacher study: CHAIN_ARMS from each seed's warm start (chain.py's STUDY and
     RL flags), every final checkpoint kept; then collected to <results>/derivation[_<fp>].jsonl
@@ -54,7 +59,7 @@ def run_chain(seeds, fp, results, jobs=2):
     study.run_all(["derivation"], {"derivation": seeds}, CHAIN_ARMS, jobs, out_root, [],
                   table=chain.STUDY, fp=fp, common=chain.RL, keep_ckpt=True)
     study.collect("derivation", out_root, results, fp)
-    jsonl = os.path.join(results, f"passk_{study.tag('derivation', fp)}.jsonl")
+    jsonl = passk_path(results, "derivation", fp)
     if os.path.exists(jsonl):
         os.remove(jsonl)
     subprocess.run([sys.executable, os.path.join(study.ROOT, "tools", "passk.py"), "--study",  # under fp too
@@ -185,8 +190,7 @@ def main(results, fp="default"):
         if not os.path.exists(path):
             continue
         md += [f"### The teacher's weights ({what}; {fp} configuration)", "", accuracy_table(load(path)), ""]
-        pk = os.path.join(results, "passk" + ("" if task == "default" else "_derivation")
-                          + ("" if fp == "default" else f"_{fp}") + ".jsonl")
+        pk = passk_path(results, task, fp)
         if os.path.exists(pk):
             md += [f"### pass@k at the end of RL ({task.replace('derivation', 'chain')} task)", "", passk_table(pk), ""]
     path = os.path.join(results, "teachers" + ("" if fp == "default" else f"_{fp}") + ".md")
