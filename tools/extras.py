@@ -9,6 +9,10 @@ sdpg.py's own; this file adds a task and a hook, never a copy of the loop.
 --task addition (sdpg.py's) or chain, a derivation before the answer (tools/chain.py, whose
 contexts are answer and derivation, and whose logs are its own).
 
+--ema_rate r: with --teacher ema, the teacher moves r of the way to the model after each optimizer
+step instead of sdpg.EMA_RATE (0.05); for a study of the rate. It is not kept in the checkpoint:
+resume such a run with --teacher ema --ema_rate r again.
+
 --context (what the teacher's c holds, warm start and RL alike; for 7 + 96, answer 301):
     answer      the answer itself, as sdpg.py                                   301
     hint        the carry into each digit: a solution step, not the answer      011
@@ -198,6 +202,7 @@ def main(argv=None):
     p.add_argument("--context", default="answer", help=", ".join(CONTEXTS))
     p.add_argument("--context_noise", type=float, default=0.0)
     p.add_argument("--diag_every", type=int, default=0)
+    p.add_argument("--ema_rate", type=float, default=None)
     p.error = sdpg.die  # one line, as sdpg.py's
     if {"-h", "--help"} & set(argv if argv is not None else sys.argv[1:]):
         print(__doc__.strip() + "\n\nThe flags of sdpg.py:\n")  # then sdpg.py's --help
@@ -215,6 +220,10 @@ def main(argv=None):
         sdpg.die(str(e))
     if ours.diag_every < 0:
         sdpg.die("--diag_every must be >= 0")
+    if ours.ema_rate is not None:
+        if not (0 < ours.ema_rate <= 1 and d.teacher == "ema"):
+            sdpg.die("--ema_rate must be in (0, 1] and is read only with --teacher ema")
+        sdpg.EMA_RATE = ours.ema_rate
     if ours.task == "chain" and ours.context_noise:
         sdpg.die("--context_noise is read only with --task addition --context noisy")
     if ours.task == "addition":

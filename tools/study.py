@@ -65,6 +65,8 @@ EXTRA = {  # run on request with --arms
     "paper_ema": ["--recipe", "paper", "--teacher", "ema"],
     "release_frozen": ["--recipe", "release", "--teacher", "frozen"],
     "release_ema": ["--recipe", "release", "--teacher", "ema"],
+    "release_ema01": ["--recipe", "release", "--teacher", "ema", "--ema_rate", "0.01"],  # other rates
+    "release_ema20": ["--recipe", "release", "--teacher", "ema", "--ema_rate", "0.2"],
 }
 SEEDS = {"default": [0, 1, 2, 3, 4], "sparse": [0, 1, 2], "strong": [0, 1, 2], "digits3": [0, 1, 2]}
 # Named floating-point configurations of the CPU math libraries (environment variables of every

@@ -24,7 +24,7 @@ import sdpg  # noqa: E402
 import chain  # noqa: E402
 import extras  # noqa: E402
 from test_sdpg import (ENC, HERE, TINY, brute_force_kl, double, encode, fixed_rollouts, make_run,  # noqa: E402
-                       one_line_error, padded, parse, response_logits, run_main, tiny_gpt)
+                       one_line_error, padded, parse, response_logits, run_in_process, run_main, tiny_gpt)
 
 
 # -----------------------------------------------------------------------------
@@ -145,6 +145,29 @@ def test_kl_location_logs_against_their_definitions():
 def test_bad_extras_flags_exit_nonzero_with_one_line(flags, needle, tmp_path, monkeypatch, capsys):
     p = run_main(monkeypatch, capsys, TINY + ["--out_dir", str(tmp_path)] + flags, entry=extras.main)
     assert one_line_error(p, needle), p.stderr
+
+
+def test_extras_ema_rate_moves_the_teacher_that_far_towards_the_model(tmp_path, monkeypatch):
+    """--ema_rate 0.5 with one optimizer step: the teacher starts at the warm start (which pi_ref
+    also is) and ends at warm + 0.5 (model - warm), trunk and tied head, computed in float64."""
+    monkeypatch.setattr(sdpg, "EMA_RATE", sdpg.EMA_RATE)  # extras.main sets it: restored after
+    flags = TINY + ["--sft_until", "0", "--rl_steps", "1", "--num_minibatches", "1", "--teacher", "ema",
+                    "--recipe", "release", "--lr", "1e-2", "--ema_rate", "0.5", "--out_dir", str(tmp_path)]
+    run = run_in_process(monkeypatch, flags, entry=extras.main)
+    assert sdpg.EMA_RATE == 0.5
+    for t, m, w in zip(run.teacher_model.parameters(), run.model.parameters(), run.ref_model.parameters()):
+        assert_close(t.double(), w.double() + 0.5 * (m.double() - w.double()), rtol=1e-6, atol=1e-7)
+    assert run.teacher_model.lm_head_weight is run.teacher_model.wte.weight
+    assert not torch.equal(next(run.model.parameters()), next(run.ref_model.parameters()))
+
+
+@pytest.mark.parametrize("flags", [["--ema_rate", "0.5"], ["--teacher", "ema", "--ema_rate", "0"],
+                                   ["--teacher", "ema", "--ema_rate", "1.5"]])
+def test_bad_ema_rate_exits_nonzero_with_one_line(flags, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sdpg, "EMA_RATE", sdpg.EMA_RATE)
+    p = run_main(monkeypatch, capsys, TINY + ["--out_dir", str(tmp_path)] + flags, entry=extras.main)
+    assert one_line_error(p, "ema_rate"), p.stderr
+    assert sdpg.EMA_RATE == 0.05
 
 
 def test_gradient_cosine_is_float32_under_autocast():
