@@ -9,6 +9,8 @@ The default task (study.py's runner and its default regime):
         release release_frozen release_ema release_beta0 --out_dir out/teachers --results results/teachers
     python tools/passk.py --study out/teachers/default --jsonl results/teachers/passk.jsonl \\
         --figure results/teachers/passk.png
+    python tools/study.py --arms grpo release_ema01 release_ema20 --out_dir out/teachers \\
+        --results results/teachers      # the EMA teacher at rates 0.01 and 0.2 (EMA_RATES)
 
 The chain task with the derivation as context (tools/chain.py's warm start and RL flags; the
 release recipe with each teacher, its beta-0 control and GRPO; seeds 0-2, 5 and 6 as chain.py's):
@@ -44,6 +46,7 @@ KS = (1, 2, 4, 8, 16)
 TASKS = {"default": "default task, student at 20%, 200 RL steps",  # collected name: what it is
          "derivation": "chain task, the derivation as context, student at 30%, 100 RL steps"}
 CHAIN_ARMS = ["grpo", "release", "release_frozen", "release_ema", "release_beta0"]
+EMA_RATES = {"release_ema01": 0.01, "release_ema": 0.05, "release_ema20": 0.2}  # study.py's arms
 
 
 def passk_path(results, task, fp):  # passk[_derivation][_<fp>].jsonl: a task's pass@k records
@@ -110,6 +113,22 @@ def accuracy_table(runs):
         rows.append(f"| grpo | none | {len(seeds)} | {fmt([final('eval_acc')(r) for r in seeds.values()])} | - | - | - | - | "
                     f"{fmt([model_view(r) for r in seeds.values()])} | - | "
                     f"{fmt([sum(r['entropy'] for r in run['rl'][-20:]) / 20 for run in seeds.values()], 2)} |")
+    return "\n".join(rows)
+
+
+def rate_table(runs):
+    """The release recipe's EMA teacher at each rate of EMA_RATES run: final accuracy, its gaps to
+    the current teacher and to the default rate 0.05, the teacher's and the model's view."""
+    rows = ["| EMA rate a step | seeds | final accuracy | - current teacher | - rate 0.05 | teacher's view, final "
+            "| model's view, final |", "|" + "---|" * 7]
+    for arm, rate in EMA_RATES.items():
+        if arm in runs:
+            seeds = runs[arm]
+            rows.append(f"| {rate} | {len(seeds)} | {fmt([final('eval_acc')(r) for r in seeds.values()])} | "
+                        f"{gap(runs, arm, 'release', final('eval_acc'))} | "
+                        f"{gap(runs, arm, 'release_ema', final('eval_acc')) if arm != 'release_ema' else '-'} | "
+                        f"{fmt([final('teacher_acc')(r) for r in seeds.values()])} | "
+                        f"{fmt([model_view(r) for r in seeds.values()])} |")
     return "\n".join(rows)
 
 
@@ -189,7 +208,10 @@ def main(results, fp="default"):
         path = os.path.join(results, f"{study.tag(task, fp)}.jsonl")
         if not os.path.exists(path):
             continue
-        md += [f"### The teacher's weights ({what}; {fp} configuration)", "", accuracy_table(load(path)), ""]
+        runs = load(path)
+        md += [f"### The teacher's weights ({what}; {fp} configuration)", "", accuracy_table(runs), ""]
+        if sum(arm in runs for arm in EMA_RATES) > 1:
+            md += [f"### The EMA teacher's rate ({task} task, release recipe)", "", rate_table(runs), ""]
         pk = passk_path(results, task, fp)
         if os.path.exists(pk):
             md += [f"### pass@k at the end of RL ({task.replace('derivation', 'chain')} task)", "", passk_table(pk), ""]

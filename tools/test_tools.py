@@ -600,7 +600,8 @@ def test_teachers_tables_by_hand(tmp_path):
     """tools/teachers.py on a made-up study of two seeds: the paired gaps, the seeds ahead, the
     model's view under ema (current_teacher_acc) and the smallest k below the warm start."""
     import teachers
-    finals = {"grpo": (0.30, 0.20), "release": (0.50, 0.60), "release_ema": (0.55, 0.58), "release_beta0": (0.45, 0.50)}
+    finals = {"grpo": (0.30, 0.20), "release": (0.50, 0.60), "release_ema": (0.55, 0.58), "release_beta0": (0.45, 0.50),
+              "release_ema20": (0.52, 0.62)}
     with open(tmp_path / "default.jsonl", "w") as f:
         for arm, accs in finals.items():
             for seed, acc in enumerate(accs):
@@ -626,3 +627,6 @@ def test_teachers_tables_by_hand(tmp_path):
     assert grpo_row.endswith("| 3 |")  # 0.4 < 0.5 at k = 3, not before
     release_row = next(line for line in md.splitlines() if line.startswith("| release | 2 |"))
     assert "| +0.200 (2/2) | +0.100 (2/2) | +0.200 (2/2) | never |" in release_row
+    rate = next(line for line in md.splitlines() if line.startswith("| 0.2 |"))  # the EMA rate table
+    assert rate == "| 0.2 | 2 | 0.570 ± 0.071 | +0.020 ± 0.000 (2/2) | +0.005 ± 0.049 (1/2) | 0.800 ± 0.000 | 0.800 ± 0.000 |"
+    assert next(line for line in md.splitlines() if line.startswith("| 0.05 |")).split(" | ")[4] == "-"
