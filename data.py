@@ -18,11 +18,12 @@ With the default d = 2, 7 + 96 gives x = "07+96=", y = "301" <|endoftext|>, c = 
 The student view sees x and never c; the teacher view sees c + x. Both views read the
 same response tokens y, the teacher's positions shifted right by len(c) = d + 3.
 
-Every character is encoded as one token (encode_chars), so under any encoding every
-prompt of this task has the same length. A task whose prompts differ in length is padded on
-the left in RL and evaluation (left_pad: the model masks the padding and counts positions
-from a row's first token) and on the right in the warm start. Sampled responses may still
-contain any token of the vocabulary; they are judged as decoded text.
+Every byte of the text is one token (encode_chars): ASCII has one byte a character, so every
+prompt of this task has the same length under any encoding; other text is taken byte by byte.
+A task whose prompts differ in length is padded on the left in RL and evaluation (left_pad: the
+model masks the padding and counts positions from a row's first token) and on the right in the
+warm start. Sampled responses may still contain any token of the vocabulary; they are judged as
+decoded text.
 """
 import numpy as np
 import tiktoken
@@ -53,9 +54,11 @@ def get_encoding():
 
 
 def encode_chars(enc, text):
-    """One token per character: str -> list[int]. Every ASCII character is a single token in
-    byte-level, gpt2 and cl100k_base encodings alike."""
-    return [enc.encode_single_token(ch) for ch in text]
+    """One token per UTF-8 byte of the text: str -> list[int]. An ASCII character is one byte, so
+    one token; "é" is two. Every single byte is a token of byte-level, gpt2 and cl100k_base
+    encodings alike, and decode_response joins the bytes back into the text. A task's text never
+    becomes a special token: "<|hint|>" in a prompt is eight byte tokens, not the marker."""
+    return [enc.encode_single_token(bytes([b])) for b in text.encode("utf-8")]
 
 
 def decode_response(enc, tokens):

@@ -378,6 +378,7 @@ def warm_start(run, train_model, stop):
 CONTEXT_SEED = 4321  # draws the held-out contexts that involve chance: the same every time
 
 def generate_padded(run, model, rows, n=1, temperature=0.0, gen=None):  # rows: token lists
+    check_fits(run, max(map(len, rows)) + run.args.max_new_tokens, "a prompt and its response")
     x, n_pad = left_pad(rows, run.enc.eot_token, run.device)  # -> n responses each, their masks
     with run.ctx:
         return model.generate(x, run.args.max_new_tokens, run.enc.eot_token, n, temperature, gen,
@@ -652,7 +653,9 @@ def pick_dtype(args, use_cuda):  # bf16 autocast on a GPU that has it natively, 
     args.dtype = args.dtype or ("bfloat16" if native else "float32")
 
 def model_size(args, task, enc, world_size):  # GPT's arguments, once the batches and answer fit
-    _, cx_rows, target = encode_batch(enc, task, task.eval_set, np.random.default_rng(0))
+    # the held-out contexts as evaluation draws them (CONTEXT_SEED), so that evaluation fits
+    _, cx_rows, target = encode_batch(enc, task, task.eval_set,
+                                      np.random.default_rng(CONTEXT_SEED))
     if args.prompts_per_step % (world_size * args.num_minibatches) or args.sft_batch % world_size:
         die_all(f"--prompts_per_step {args.prompts_per_step} must split evenly over {world_size} "
                 f"ranks x --num_minibatches {args.num_minibatches}, and --sft_batch over the ranks")
@@ -664,7 +667,7 @@ def model_size(args, task, enc, world_size):  # GPT's arguments, once the batche
     return dict(block_size=max(map(len, cx_rows)) + args.max_new_tokens, n_layer=args.n_layer,
                 vocab_size=enc.n_vocab, n_head=args.n_head, n_embd=args.n_embd)
 
-def check_fits(run, length, what):  # one line if a task's training batch outgrows the model
+def check_fits(run, length, what):  # one line if a sequence outgrows the block size
     if length > run.model.config.block_size:  # the rank that sees it says so; torchrun stops all
         print(f"sdpg.py: error: {run.task!r}: {what} of {length} tokens outgrows the block size "
               f"{run.model.config.block_size} (held-out c + x, --max_new_tokens)", file=sys.stderr)

@@ -85,8 +85,11 @@ def read(path, n, problems, seed):
     chain_task = re.match(r"ChainTask\(eval_size=(\d+), context='(\w+)'", str(ckpt.get("task") or cfg.get("task")))
     if chain_task:  # tools/chain.py's task: its held-out set of the run's --eval_size
         task = chain.ChainTask(int(chain_task[1]), chain_task[2])
-    else:  # addition: the digits follow from the block size, c + x being 2d + 2 + d + 3 tokens
-        task = AdditionTask((model.config.block_size - max_new - 5) // 3, eval_size=1000)
+    else:  # addition: the digits follow from the block size, c + x being 2d + 2 + d + 3 tokens;
+        # the held-out set is the run's own, of its --eval_size (named in its task; else 1000)
+        size = re.search(r"eval_size=(\d+)", str(ckpt.get("task") or cfg.get("task")))
+        task = AdditionTask((model.config.block_size - max_new - 5) // 3,
+                            eval_size=int(size[1]) if size else 1000)
     if problems > len(task.eval_set):
         raise ValueError(f"--problems {problems}: the held-out set has {len(task.eval_set)}")
     counts = sample_correct(model, get_encoding(), task, task.eval_set[:problems], n, max_new, seed)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -162,12 +163,115 @@ def test_extras_ema_rate_moves_the_teacher_that_far_towards_the_model(tmp_path, 
 
 
 @pytest.mark.parametrize("flags", [["--ema_rate", "0.5"], ["--teacher", "ema", "--ema_rate", "0"],
-                                   ["--teacher", "ema", "--ema_rate", "1.5"]])
+                                   ["--teacher", "ema", "--ema_rate", "1.5"],
+                                   ["--teacher", "ema", "--ema_rate", "1.001"]])
 def test_bad_ema_rate_exits_nonzero_with_one_line(flags, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sdpg, "EMA_RATE", sdpg.EMA_RATE)
     p = run_main(monkeypatch, capsys, TINY + ["--out_dir", str(tmp_path)] + flags, entry=extras.main)
     assert one_line_error(p, "ema_rate"), p.stderr
     assert sdpg.EMA_RATE == 0.05
+
+
+def test_extras_ema_rate_one_is_accepted_and_makes_the_teacher_the_model(tmp_path, monkeypatch,
+                                                                         capsys):
+    """--ema_rate 1, the top of the documented (0, 1]: the run starts (exit 0), and after its one
+    optimizer step the teacher has moved all the way, teacher == model (by the definition
+    teacher += r (model - teacher)), while the model has left pi_ref (the same start as the
+    teacher's), so the default rate 0.05 would have left them apart. No warm start: fast."""
+    monkeypatch.setattr(sdpg, "EMA_RATE", sdpg.EMA_RATE)  # extras.main sets it: restored after
+    flags = TINY + ["--sft_steps", "0", "--eval_samples", "0", "--eval_size", "10",
+                    "--rl_steps", "1", "--num_minibatches", "1", "--teacher", "ema",
+                    "--recipe", "release", "--lr", "1e-2", "--ema_rate", "1",
+                    "--out_dir", str(tmp_path)]
+    try:
+        run = run_in_process(monkeypatch, flags, entry=extras.main)
+    except SystemExit as e:
+        pytest.fail(f"--ema_rate 1 refused: exit {e.code}: {capsys.readouterr().err.strip()}")
+    assert sdpg.EMA_RATE == 1
+    pairs = zip(run.model.parameters(), run.ref_model.parameters())
+    assert any(not torch.equal(m, w) for m, w in pairs)  # the step moved the model
+    for t, m in zip(run.teacher_model.parameters(), run.model.parameters()):
+        assert_close(t, m, rtol=1e-6, atol=1e-7)
+
+
+def two_ranks(monkeypatch, fn, model, args, batches):
+    """fn(run, mb) on two ranks at once, rank r with batches[r], as two threads of this process:
+    sdpg.all_sum waits for both ranks and adds their tensors in place, as dist.all_reduce does.
+    Returns both ranks' results."""
+    barrier, slot, local, out, errors = threading.Barrier(2, timeout=60), [None, None], \
+        threading.local(), [None, None], []
+
+    def all_sum(t):
+        slot[local.rank] = t
+        barrier.wait()
+        total = slot[0] + slot[1]
+        barrier.wait()  # both have read both tensors: now each may write its own
+        return t.copy_(total)
+
+    def rank(r):
+        local.rank = r
+        try:
+            out[r] = fn(make_run(model, args, rank=r, world_size=2), batches[r])
+        except BaseException as e:  # the other rank must not wait for it forever
+            errors.append(e)
+            barrier.abort()
+    monkeypatch.setattr(sdpg, "all_sum", all_sum)
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def test_diagnostics_of_two_ranks_equal_one_process_holding_both_batches(monkeypatch):
+    """tools/extras.py loss_diagnostics and kl_location on two ranks (threads whose sdpg.all_sum
+    adds both, see two_ranks) with different rollouts and token counts: each rank logs what one
+    process holding both batches would, i.e. the normalisations use the tokens of all ranks.
+    References: autograd on sdpg.minibatch_loss of each batch over the summed token count (grad
+    norms, cosine); the brute-force float64 KL over all the tokens (exact KL mean and std, its
+    shares, the A > 0 rows' KL per token and token share)."""
+    model = tiny_gpt(torch.float64)
+    batches = [double(fixed_rollouts(model, 4, seed=s, eot_last=True)) for s in (11, 14)]
+    counts = [mb.mask.sum().item() for mb in batches]
+    assert counts[0] != counts[1]  # a rank-local count would give other numbers
+    args = parse("--alpha", "0.2", "--opd_gate", "all")
+    args.group_size = 1  # every fixed rollout has its own prompt
+    diag, diag1 = two_ranks(monkeypatch, lambda run, mb: extras.loss_diagnostics(run, 0.3, mb),
+                            model, args, batches)
+    loc, loc1 = two_ranks(monkeypatch, extras.kl_location, model, args, batches)
+    # one process: the gradient of each term summed over the batches, each over all N tokens
+    N, params, g = sum(counts), list(model.parameters()), {}
+    for mb in batches:
+        _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, N, args, 0.3, 1)
+        for k, v in terms.items():
+            grad = torch.autograd.grad(v, params, retain_graph=True)
+            g[k] = g.get(k, 0) + torch.cat([x.flatten() for x in grad])
+    for k in ("out", "ref", "opd"):
+        assert diag[f"grad_norm_{k}"] == pytest.approx(g[k].norm().item(), rel=1e-9), k
+    cos = (g["out"] @ g["opd"] / (g["out"].norm() * g["opd"].norm())).item()
+    assert diag["grad_cos_out_opd"] == pytest.approx(cos, rel=1e-9)
+    # the KL to the teacher over every response token of both batches
+    cat = lambda f: torch.cat([f(mb) for mb in batches])  # noqa: E731
+    m = cat(lambda mb: mb.mask)
+    kl = cat(lambda mb: brute_force_kl(response_logits(model, mb.x, mb.resp),
+                                       mb.h_teacher @ model.lm_head_weight.T)) * m
+    tokens = kl[m.bool()]
+    assert diag["exact_teacher"] == pytest.approx(tokens.mean().item(), rel=1e-9)
+    assert diag["exact_teacher_std"] == pytest.approx(tokens.std(unbiased=False).item(), rel=1e-6)
+    target = torch.tensor([data.encode_chars(ENC, data.answer_text(*p)) + [ENC.eot_token]
+                           for mb in batches for p in mb.problems])
+    wrong = extras.first_wrong(cat(lambda mb: mb.resp), m, target)
+    pos = cat(lambda mb: (mb.adv > 0).double()[:, None] * mb.mask)
+    eot = cat(lambda mb: mb.is_eot)
+    assert loc["eot_kl_share"] == pytest.approx(((kl * eot).sum() / kl.sum()).item())
+    assert loc["wrong_kl_share"] == pytest.approx(((kl * wrong).sum() / kl.sum()).item())
+    assert loc["kl_teacher_pos"] == pytest.approx(((kl * pos).sum() / pos.sum()).item())
+    assert loc["tokens_pos"] == pytest.approx((pos.sum() / m.sum()).item())
+    assert diag1 == pytest.approx(diag, rel=1e-12)  # the same global numbers on both ranks
+    assert loc1 == pytest.approx(loc, rel=1e-12)
 
 
 def test_gradient_cosine_is_float32_under_autocast():
@@ -530,6 +634,117 @@ def test_pass_at_k_curve_and_its_interval_against_a_direct_computation():
         assert mean == pytest.approx(statistics.mean(direct), abs=1e-12)
         assert ci == pytest.approx(1.96 * statistics.stdev(direct) / math.sqrt(len(counts)), abs=1e-12)
     assert passk.pass_at_k_curve(counts, n)[0][1] == pytest.approx(sum(counts) / (n * len(counts)))
+
+
+def test_pass_at_k_curve_ends_at_pass_at_n_hand_worked():
+    """The curve runs k = 1 .. n, n included: pass@n is the share of problems with any correct
+    sample (all n drawn), worked by hand; n = 1 still has its one point, pass@1."""
+    import passk
+    curve = passk.pass_at_k_curve([0, 3, 8, 1], 8)
+    assert [k for k, _, _ in curve] == list(range(1, 9))
+    k, mean, ci = curve[-1]  # per problem 0, 1, 1, 1: mean 3/4, sample std 1/2
+    assert (k, mean, ci) == (8, pytest.approx(0.75), pytest.approx(1.96 * 0.5 / 2))
+    assert passk.pass_at_k_curve([0, 1, 1], 1) == [(1, pytest.approx(2 / 3), pytest.approx(
+        1.96 * math.sqrt(1 / 3) / math.sqrt(3)))]
+
+
+class ScriptedSampler:
+    """A stand-in for GPT whose generate() reads each prompt row back to its problem (a, b) and
+    answers sample s of it right iff s < a % 5, laid out as GPT.generate lays out its samples
+    (num_samples consecutive rows per prompt, as test_sdpg's
+    test_generate_shares_prefill_and_stops_rows_at_eot checks): so problem (a, b) has
+    min(a % 5, n) right samples of n, whatever the batch it came in."""
+
+    def __init__(self, task):
+        self.task, self.prompts = task, []
+
+    def generate(self, x, max_new_tokens, eot, n, temperature, gen, n_pad=None):
+        rows = []
+        for r in x.tolist():
+            text = "".join(ENC.decode([t]) for t in r if t != eot)  # left padding off
+            a, b = (int(v) for v in text.rstrip("=").split("+"))
+            self.prompts.append((a, b))
+            for s in range(n):
+                answer = self.task.answer((a, b) if s < a % 5 else (a, b + 1))  # else a wrong sum
+                rows.append(data.encode_chars(ENC, answer) + [eot])
+        resp = torch.tensor(rows)
+        return resp, torch.ones_like(resp)
+
+
+def test_passk_counts_each_problem_s_own_consecutive_samples():
+    """sample_correct on 7 problems in batches of 3, n = 4: each problem's count is the number of
+    right samples the scripted sampler gave that problem (a brute-force loop over problems and
+    samples), not a mix of rows of other problems."""
+    import passk
+    task = data.AdditionTask(2, eval_size=20)
+    problems, n = task.eval_set[:7], 4
+    expected = [sum(s < a % 5 for s in range(n)) for a, _ in problems]
+    assert len(set(expected)) >= 3  # the problems differ: a mix would show
+    sampler = ScriptedSampler(task)
+    got = passk.sample_correct(sampler, ENC, task, problems, n, 8, seed=0, batch=3)
+    assert sampler.prompts == problems  # every problem sampled once, in order
+    assert got == expected
+
+
+def addition_checkpoint(path, layout, digits, max_new, eval_size=1000):
+    """An untrained addition run's ckpt.pt or sft.pt, laid out as sdpg.py saves them (its task's
+    repr in the checkpoint, or in sft.pt's key), the block size from sdpg.model_size."""
+    from model import GPT, GPTConfig
+    args = parse("--digits", str(digits), "--max_new_tokens", str(max_new), "--eval_size",
+                 str(eval_size), "--n_layer", "1", "--n_embd", "32", "--n_head", "2")
+    task = data.AdditionTask(digits, eval_size)
+    model_args = sdpg.model_size(args, task, ENC, 1)
+    weights = GPT(GPTConfig(**model_args)).state_dict()
+    if layout == "ckpt":
+        ckpt = {"model": weights, "model_args": model_args, "config": vars(args),
+                "task": repr(task), "step": 1}
+    else:
+        ckpt = {"model": weights, "key": {"max_new_tokens": max_new, "task": repr(task),
+                                          "model_args": model_args}}
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def spy_on_sample_correct(monkeypatch):
+    """What passk.read hands to sample_correct (which is not run: no sample is right)."""
+    import passk
+    seen = {}
+
+    def spy(model, enc, task, problems, n, max_new_tokens, seed):
+        seen.update(task=task, problems=problems, max_new=max_new_tokens)
+        return [0] * len(problems)
+    monkeypatch.setattr(passk, "sample_correct", spy)
+    return seen
+
+
+@pytest.mark.parametrize("digits, max_new", [(2, 8), (3, 5), (3, 12)])
+def test_passk_reads_the_digits_of_an_addition_checkpoint(digits, max_new, tmp_path, monkeypatch):
+    """A checkpoint of a run given --digits and --max_new_tokens: passk.read samples problems of
+    those digits, with that --max_new_tokens (a spy on sample_correct)."""
+    import passk
+    seen = spy_on_sample_correct(monkeypatch)
+    passk.read(addition_checkpoint(tmp_path / "ckpt.pt", "ckpt", digits, max_new), 2, 10, 0)
+    assert seen["task"].digits == digits and seen["max_new"] == max_new
+    assert len(seen["problems"]) == 10
+    for a, b in seen["problems"]:
+        assert seen["task"].prompt((a, b)) == data.prompt_text(a, b, digits)
+        assert a < 10 ** digits and b < 10 ** digits
+
+
+@pytest.mark.parametrize("layout", ["ckpt", "sft"])
+def test_passk_samples_the_run_s_own_held_out_problems(layout, tmp_path, monkeypatch):
+    """A --digits 1 --eval_size 40 run (its 100 problems allow at most 50 held out): passk.read
+    samples the first problems of that run's held-out set, data.eval_problems(40, 1), not of a
+    1000-problem set it may have trained on (or that 1 digit cannot hold), from ckpt.pt and from
+    sft.pt alike."""
+    import passk
+    seen = spy_on_sample_correct(monkeypatch)
+    rec = passk.read(addition_checkpoint(tmp_path / f"{layout}.pt", layout, 1, 6, 40), 2, 10, 0)
+    a, b = data.eval_problems(40, 1)
+    assert seen["problems"] == list(zip(a.tolist(), b.tolist()))[:10] and seen["task"].digits == 1
+    assert rec["counts"] == [0] * 10
+    with pytest.raises(ValueError, match="held-out set has 40"):
+        passk.read(str(tmp_path / f"{layout}.pt"), 2, 41, 0)
 
 
 def test_passk_of_a_checkpoint_counts_what_the_verifier_says(tmp_path, monkeypatch, capsys):
