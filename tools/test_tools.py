@@ -566,10 +566,9 @@ def test_chain_metrics_against_hand_counts_and_brute_force_kl():
     student, teacher, _ = data.encode_batch(ENC, task, problems, None)
     (x, x_pad), (cx, cx_pad) = padded(student), padded(teacher)
     rep = lambda t: None if t is None else t.repeat_interleave(G, 0)  # noqa: E731
-    mb = sdpg.Rollouts(problems, rep(x), rep(cx), resp, mask, resp == ENC.eot_token,
-                       torch.tensor([1.0, 1.0, 1.0, 0.0]), rep(x_pad), rep(cx_pad))
-    mb.h_teacher = model.shared_prefix_hidden(cx, resp, G, cx_pad)
-    mb.w_teacher = model.lm_head_weight.detach()
+    mb = sdpg.Batch(problems, rep(x), rep(x_pad), rep(cx), rep(cx_pad), resp, mask, resp == ENC.eot_token,
+                    torch.tensor([1.0, 1.0, 1.0, 0.0]), None, None, None,
+                    model.shared_prefix_hidden(cx, resp, G, cx_pad), model.lm_head_weight.detach())
     args = parse("--group_size", str(G))
     got = chain.chain_metrics(make_run(model, args, task), mb)
     assert (got["deriv_acc"], got["won_frac"], got["lucky_frac"]) == (0.5, 0.75, 0.5)

@@ -46,9 +46,9 @@ def worked_example(model, enc, task, problem, args, seed):
         logq = chunked_token_logprobs(ht.flatten(0, 1), W, resp.flatten(), T).view(resp.shape)
         kl = sdpg.full_vocab_reverse_kl(hs @ W.T / T, ht @ W.T / T)  # (G, Tr)
     n_tok = mask.sum().item()
-    mb = sdpg.Rollouts([problem], x.repeat_interleave(G, 0), cx.repeat_interleave(G, 0), resp, mask,
-                       resp == enc.eot_token, rewards, old_logp=logp, ref_logp=logp, adv=adv,
-                       h_teacher=ht, w_teacher=W.detach())
+    mb = sdpg.Batch([problem], x.repeat_interleave(G, 0), None, cx.repeat_interleave(G, 0), None,
+                    resp, mask, resp == enc.eot_token, rewards, old_logp=logp, ref_logp=logp, adv=adv,
+                    h_teacher=ht, w_teacher=W.detach())
     loss, _, terms = sdpg.minibatch_loss(model, W, mb, n_tok, args, args.beta, 1)
     params = [p for p in model.parameters()]
     term_grad = {}
