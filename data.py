@@ -84,7 +84,8 @@ def decode_response(enc, tokens):
 # the task interface: what sdpg.py asks of a task
 
 class AdditionTask:
-    """d-digit addition, the task sdpg.py trains on. A task of your own needs the same members:
+    """d-digit addition, the task sdpg.py trains on. A task of your own needs the same seven
+    members:
 
         eval_set          the fixed held-out problems (a list; any objects a task likes)
         sample(rng, n)    n training problems from a numpy Generator, none of them held out
@@ -93,13 +94,13 @@ class AdditionTask:
                           rng, a numpy Generator, for contexts drawn at random
         answer(p)         the reference response y*, as text (the warm start imitates it)
         reward(text, p)   the verifier: the decoded response -> a float, never raising
+        __repr__()        names the task's settings: it keys the warm-start cache (sdpg.sft_key)
+                          and a resume must name the same task
 
     encode_batch() below turns problems into tokens, one per byte of text; prompts, contexts
     and answers may differ in length from problem to problem. The model's block size is the
     longest teacher prompt of the held-out set plus --max_new_tokens (which must hold its
     longest answer and the end-of-text): training problems may not be longer.
-
-    A repr that names the task's settings lets the warm-start cache tell tasks apart.
     """
 
     def __init__(self, digits=NUM_DIGITS, eval_size=1000):

@@ -154,7 +154,7 @@ class Batch(Rollouts):
     old_logp: torch.Tensor      # (B, Tr) log pi_old(y_t): the weights that sampled
     ref_logp: torch.Tensor      # (B, Tr) log pi_ref(y_t): the frozen warm start
     adv: torch.Tensor           # (B,) group-relative advantages; (B, Tr) under rlsd
-    h_teacher: Optional[torch.Tensor] = None  # (B, Tr, H): row (b, t) predicts resp[b, t]
+    h_teacher: Optional[torch.Tensor] = None  # (B, Tr, H): h_teacher[b, t] predicts resp[b, t]
     w_teacher: Optional[torch.Tensor] = None  # (V, H): the teacher's output matrix
 
 def minibatch_loss(model, weight, mb, n_tokens, args, beta_k, world_size):
@@ -166,7 +166,7 @@ def minibatch_loss(model, weight, mb, n_tokens, args, beta_k, world_size):
     the weighted terms by name."""
     tau = args.temperature
     mask = mb.mask  # (B, Tr) 1.0 on response tokens
-    # row (b, t) predicts resp[b, t], as the teacher's row does (teacher_hidden); through DDP
+    # h[b, t] predicts resp[b, t], as h_teacher[b, t] does (minibatch); through DDP
     h = response_hidden(model, mb.x, mb.resp, mb.x_pad).flatten(0, 1)  # (B*Tr, H)
     logp = chunked_token_logprobs(h, weight, mb.resp.flatten(), tau).view(mask.shape)  # (B, Tr)
     # past a row's end the log-ratios are 0: exp() of an untrained padding position could
@@ -448,10 +448,10 @@ def score_rollouts(run, rollouts, k):
     return Batch(**vars(rollouts), old_logp=old_logp, ref_logp=ref_logp, adv=adv)
 
 def minibatch(run, batch, i, j):
-    """Rows i .. j-1 (whole groups) of the batch, and the teacher's hidden states over them, no
-    gradient: its weights read c + x + y, each c + x once for its G rows. Row (b, t) predicts
-    resp[b, t], as the student's does in minibatch_loss: for 7 + 96 (x = "07+96=", 6 tokens;
-    c + x, 11; y = "301" <eot>) the student reads position 5 + t of x + y, the teacher 10 + t."""
+    """Rows i .. j-1 (whole groups), and the teacher's hidden states over them, no gradient: its
+    weights read c + x + y, each c + x once for its G rows. h_teacher[b, t] predicts resp[b, t],
+    as the student's h[b, t] in minibatch_loss: for 7 + 96 (x = "07+96=", 6 tokens; c + x, 11;
+    y = "301" <eot>) the student reads position 5 + t of x + y, the teacher 10 + t of c + x + y."""
     G = run.args.group_size
     rows = {k: v[i:j] if torch.is_tensor(v) else v for k, v in vars(batch).items()}
     mb = Batch(**dict(rows, problems=batch.problems[i // G:j // G]))

@@ -2192,7 +2192,7 @@ def full_logp(model, prompt, resp):  # log pi(resp_t | prompt, resp_<t) of one u
 
 def test_scoring_and_the_teacher_pass_pad_each_prompt_of_several_lengths_as_its_own(monkeypatch):
     """Four prompts of 3, 7, 4 and 9 tokens, G = 2: pi_old's log-probs (score_rollouts) and the
-    teacher's hidden states (update) of every row equal that row's prompt read alone, unpadded, in
+    teacher's hidden states (minibatch) of every row equal that row's prompt read alone, unpadded, in
     float64; a wrong prompt's padding for any group would show."""
     model = tiny_gpt(torch.float64, seed=3)
     args = parse("--group_size", "2", "--max_new_tokens", "5", "--num_minibatches", "1", "--beta", "0.1")
