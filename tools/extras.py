@@ -32,6 +32,15 @@ each loss term on its own and the cosine of the outcome and distillation gradien
 student-teacher and the policy-reference pairs the exact KL (each side from its own weights and
 head) next to the sampled-token estimators k1, k2, k3 (means and stds over the response tokens of
 all ranks).
+--approx_every d: every d steps, the gradient of each approximation of the distillation term
+(tools/approx.py) beside the exact one (tools/exactness.py says which fields).
+
+--kl_approx NAME trains with an approximation in place of the exact KL (the gate, the cap, beta
+and the token-mean as before; kl_teacher and loss_opd then log its per-token value): student_K
+(the student's top K, renormalised), tail_K (with a tail bucket), teacher_K (the teacher's top K,
+renormalised), sampled (the sampled token: SG(log p - log q) log p, whose value is not a KL), or
+exact (the exact KL from the full logits, tools/approx.py's, as a control of the substitution).
+They form the full (N, V) logits of both views, where sdpg.py's fused term never does.
 """
 import argparse
 import os
@@ -42,8 +51,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sdpg  # noqa: E402
 import chain  # noqa: E402
+import exactness  # noqa: E402
 from data import AdditionTask, answer_text, encode_chars  # noqa: E402
-from model import chunked_token_logprobs, fused_reverse_kl, response_hidden  # noqa: E402
+import approx  # noqa: E402
+from model import chunked_token_logprobs, fused_reverse_kl, head_logits, response_hidden  # noqa: E402
 
 CONTEXTS = ("answer", "hint", "partial", "noisy", "irrelevant")
 
@@ -182,9 +193,38 @@ def loss_diagnostics(run, beta_k, mb):
     return out
 
 
-def make_hook(diag_every, where=None):
+def use_kl_approximation(spec):
+    """Put tools/approx.py's form named spec (see the docstring) in place of model.fused_reverse_kl
+    in sdpg.minibatch_loss, for this process. The sampled token reads the tokens minibatch_loss is
+    scoring: a wrapper of minibatch_loss hands them over. Nothing else of the loop changes."""
+    name, _, k = spec.partition("_")
+    forms = {"student": approx.topk_student_renorm, "tail": approx.topk_student_tail,
+             "teacher": approx.topk_teacher_renorm}
+    if not (name in ("exact", "sampled") and not k or name in forms and k.isdigit() and int(k) > 0):
+        sdpg.die(f"--kl_approx {spec}: use exact, sampled, or student_K, tail_K, teacher_K (K >= 1)")
+    scored = {}
+    real_minibatch_loss = sdpg.minibatch_loss
+
+    def minibatch_loss(model, weight, mb, *rest):
+        scored["tokens"] = mb.resp.flatten()  # (B*Tr,), the rows of h in minibatch_loss
+        return real_minibatch_loss(model, weight, mb, *rest)
+
+    def kl_term(h, h_teacher, weight, temperature=1.0, chunk_size=0, teacher_weight=None):
+        zs = head_logits(h, weight)  # (N, V), with gradient
+        zt = head_logits(h_teacher, weight if teacher_weight is None else teacher_weight).detach()
+        if name == "exact":
+            return approx.exact_reverse_kl(zs, zt, temperature)
+        if name == "sampled":
+            return approx.sampled_token(zs, zt, scored["tokens"], temperature)
+        return forms[name](zs, zt, min(int(k), zs.size(-1)), temperature)
+    sdpg.minibatch_loss = minibatch_loss
+    sdpg.fused_reverse_kl = kl_term
+
+
+def make_hook(diag_every, where=None, approx_every=0):
     """hook(run, k, beta_k, mb) for sdpg.main: where(run, k, mb) (the KL location of addition by
-    default) every step, diagnostics every diag_every steps (the first included)."""
+    default) every step, diagnostics every diag_every steps (the first included), and the
+    approximations' gradients beside the exact one every approx_every steps (tools/exactness.py)."""
     def hook(run, k, beta_k, mb):
         if where is not None:
             rec = where(run, k, mb)
@@ -192,6 +232,8 @@ def make_hook(diag_every, where=None):
             rec = kl_location(run, mb) if mb.h_teacher is not None else {}
         if diag_every and (k - 1) % diag_every == 0:
             rec.update(loss_diagnostics(run, beta_k, mb))
+        if approx_every and (k - 1) % approx_every == 0 and mb.h_teacher is not None:
+            rec.update(exactness.approx_gradients(run, k, mb))
         return rec
     return hook
 
@@ -203,6 +245,8 @@ def main(argv=None):
     p.add_argument("--context_noise", type=float, default=0.0)
     p.add_argument("--diag_every", type=int, default=0)
     p.add_argument("--ema_rate", type=float, default=None)
+    p.add_argument("--approx_every", type=int, default=0)
+    p.add_argument("--kl_approx", default=None)
     p.error = sdpg.die  # one line, as sdpg.py's
     if {"-h", "--help"} & set(argv if argv is not None else sys.argv[1:]):
         print(__doc__.strip() + "\n\nThe flags of sdpg.py:\n")  # then sdpg.py's --help
@@ -218,18 +262,21 @@ def main(argv=None):
             if ours.task == "addition" else chain.ChainTask(d.eval_size, ours.context)
     except ValueError as e:
         sdpg.die(str(e))
-    if ours.diag_every < 0:
-        sdpg.die("--diag_every must be >= 0")
+    if ours.diag_every < 0 or ours.approx_every < 0:
+        sdpg.die("--diag_every and --approx_every must be >= 0")
     if ours.ema_rate is not None:
         if not (0 < ours.ema_rate <= 1 and d.teacher == "ema"):
             sdpg.die("--ema_rate must be in (0, 1] and is read only with --teacher ema")
         sdpg.EMA_RATE = ours.ema_rate
+    if ours.kl_approx is not None:
+        use_kl_approximation(ours.kl_approx)
     if ours.task == "chain" and ours.context_noise:
         sdpg.die("--context_noise is read only with --task addition --context noisy")
     if ours.task == "addition":
-        return sdpg.main(rest, task=task, hook=make_hook(ours.diag_every))
+        return sdpg.main(rest, task=task, hook=make_hook(ours.diag_every, None, ours.approx_every))
     every = d.eval_every
-    run = sdpg.main(rest, task=task, hook=make_hook(ours.diag_every, chain.make_where(every)))
+    hook = make_hook(ours.diag_every, chain.make_where(every), ours.approx_every)
+    run = sdpg.main(rest, task=task, hook=hook)
     if run.rank == 0 and not run.stopped:  # the final weights, rank 0 alone
         run.log({"phase": "chain", "step": run.args.rl_steps, **chain.greedy_metrics(run, False)})
     return run

@@ -844,3 +844,120 @@ def test_teachers_tables_by_hand(tmp_path):
     rate = next(line for line in md.splitlines() if line.startswith("| 0.2 |"))  # the EMA rate table
     assert rate == "| 0.2 | 2 | 0.570 ± 0.071 | +0.020 ± 0.000 (2/2) | +0.005 ± 0.049 (1/2) | 0.800 ± 0.000 | 0.800 ± 0.000 |"
     assert next(line for line in md.splitlines() if line.startswith("| 0.05 |")).split(" | ")[4] == "-"
+
+
+# -----------------------------------------------------------------------------
+# tools/exactness.py: each approximation's gradient beside the exact one
+
+def test_approx_gradients_against_the_loss_s_own_term_and_top_k_at_k_v(monkeypatch):
+    """On a fixed float64 mini-batch: the exact gradient is the gradient of minibatch_loss's own
+    distillation term (ungated) over beta; at k = V every top-k form is the exact term (cosine 1,
+    norm 1, bias 0, nothing left out); at k = 1 the renormalised forms have one entry and no
+    gradient (cosine 0 by definition, norm 0, value 0: bias -KL); the sampled token's k1 bias is
+    the mean of log p(y) - log q(y) - KL, computed here from the full logits."""
+    import exactness
+    V = ENC.n_vocab
+    monkeypatch.setattr(exactness, "KS", (1, V))
+    monkeypatch.setattr(exactness, "DRAWS", 2)
+    model = tiny_gpt(torch.float64)
+    teacher = tiny_gpt(torch.float64, seed=5)
+    mb = double(fixed_rollouts(model, 4, seed=12))
+    mb.h_teacher = sdpg.response_hidden(teacher, mb.cx, mb.resp).detach()
+    mb.w_teacher = teacher.lm_head_weight.detach()
+    args = parse("--opd_gate", "all", "--alpha", "0", "--temperature", "0.8")
+    args.group_size = 1
+    out = exactness.approx_gradients(make_run(model, args), 1, mb)
+    n = mb.mask.sum().item()
+    _, sums, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n, args, 0.3, 1)
+    assert out["kl_exact"] == pytest.approx((sums["kl_teacher"] / n).item(), rel=1e-10)
+    for kind in ("student", "tail", "teacher"):
+        assert out[f"cos_{kind}_{V}"] == pytest.approx(1, abs=1e-9)
+        assert out[f"norm_{kind}_{V}"] == pytest.approx(1, abs=1e-9)
+        assert out[f"bias_{kind}_{V}"] == pytest.approx(0, abs=1e-12)
+    assert out[f"mass_{V}"] == pytest.approx(0, abs=1e-12) and out[f"mass_teacher_{V}"] == pytest.approx(0, abs=1e-12)
+    for kind in ("student", "teacher"):
+        assert out[f"cos_{kind}_1"] == 0 and out[f"norm_{kind}_1"] == 0
+        assert out[f"bias_{kind}_1"] == pytest.approx(-out["kl_exact"], rel=1e-10)
+    m = mb.mask > 0
+    zs = response_logits(model, mb.x, mb.resp)[m] / 0.8
+    zt = (mb.h_teacher @ mb.w_teacher.T)[m] / 0.8
+    logp, logq = torch.log_softmax(zs, -1), torch.log_softmax(zt, -1)
+    y = mb.resp[m]
+    k1 = (logp.gather(-1, y[:, None]) - logq.gather(-1, y[:, None]))[:, 0]
+    assert out["bias_sampled"] == pytest.approx((k1.sum() / n).item() - out["kl_exact"], rel=1e-8)
+    # the term the hook differentiates (the raw logits, tau 0.8) is minibatch_loss's distillation
+    # term over its weight beta, gradient and all
+    params = list(model.parameters())
+    g_loss = torch.cat([x.flatten() for x in torch.autograd.grad(terms["opd"] / 0.3, params)])
+    hook_term = exactness.approx.exact_reverse_kl(zs * 0.8, zt * 0.8, 0.8).sum() / n
+    assert_close(torch.cat([x.flatten() for x in torch.autograd.grad(hook_term, params)]), g_loss)
+
+
+def test_the_gradient_study_hook_changes_nothing_the_run_computes(tmp_path, monkeypatch):
+    """tools/extras.py --approx_every 1 logs the study's fields at every step and leaves every
+    record of the run (warm start, RL steps, evaluations) as the same run without it."""
+    flags = TINY + ["--sft_until", "0", "--rl_steps", "2", "--recipe", "release"]
+    runs = {}
+    for name, extra in (("plain", []), ("study", ["--approx_every", "1"])):
+        run_in_process(monkeypatch, flags + extra + ["--out_dir", str(tmp_path / name)], entry=extras.main)
+        with open(tmp_path / name / "log.jsonl") as f:
+            runs[name] = [json.loads(line) for line in f]
+    plain, study = runs["plain"], runs["study"]
+    assert len(plain) == len(study)
+    for a, b in zip(plain, study):
+        shared = {k: v for k, v in b.items() if k in a and k not in ("dt", "tok_per_s", "dt_hook", "out_dir", "time")}
+        assert shared == {k: v for k, v in a.items() if k not in ("dt", "tok_per_s", "dt_hook", "out_dir", "time")}
+    rl = [r for r in study if r["phase"] == "rl"]
+    assert len(rl) == 2 and all(-1 <= r["cos_tail_16"] <= 1 and r["var_sampled"] >= 0 for r in rl)
+
+
+@pytest.mark.parametrize("spec", ["tail_4", "student_2", "teacher_8", "sampled", "exact"])
+def test_kl_approx_puts_the_approximation_in_the_loss(spec, monkeypatch):
+    """extras.py --kl_approx: minibatch_loss's distillation term becomes beta times the token-mean
+    of the approximation's per-token value on the full logits of both views (the sampled token at
+    the scored tokens), value and gradient, against tools/approx.py's function on logits formed
+    here in float64; `exact` equals sdpg.py's own fused term."""
+    monkeypatch.setattr(sdpg, "minibatch_loss", sdpg.minibatch_loss)  # restored after the test
+    monkeypatch.setattr(sdpg, "fused_reverse_kl", sdpg.fused_reverse_kl)
+    model, teacher = tiny_gpt(torch.float64), tiny_gpt(torch.float64, seed=5)
+    mb = double(fixed_rollouts(model, 4, seed=12))
+    mb.h_teacher = sdpg.response_hidden(teacher, mb.cx, mb.resp).detach()
+    mb.w_teacher = teacher.lm_head_weight.detach()
+    args = parse("--opd_gate", "all", "--alpha", "0", "--temperature", "0.8", "--kl_cap", "0")
+    n = mb.mask.sum().item()
+    _, _, fused = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n, args, 0.3, 1)
+    extras.use_kl_approximation(spec)
+    _, _, terms = sdpg.minibatch_loss(model, model.lm_head_weight, mb, n, args, 0.3, 1)
+    zs = response_logits(model, mb.x, mb.resp).flatten(0, 1)
+    zt = (mb.h_teacher @ mb.w_teacher.T).flatten(0, 1)
+    name, _, k = spec.partition("_")
+    if name == "sampled":
+        value = extras.approx.sampled_token(zs, zt, mb.resp.flatten(), 0.8)
+    elif name == "exact":
+        value = extras.approx.exact_reverse_kl(zs, zt, 0.8)
+    else:
+        form = {"student": extras.approx.topk_student_renorm, "tail": extras.approx.topk_student_tail,
+                "teacher": extras.approx.topk_teacher_renorm}[name]
+        value = form(zs, zt, int(k), 0.8)
+    expected = 0.3 * (value * mb.mask.flatten()).sum() / n
+    params = list(model.parameters())
+    assert_close(terms["opd"], expected)
+    for g, g_ref in zip(torch.autograd.grad(terms["opd"], params, retain_graph=True),
+                        torch.autograd.grad(expected, params)):
+        assert_close(g, g_ref)
+    if name == "exact":
+        assert_close(terms["opd"], fused["opd"], rtol=1e-10, atol=1e-12)
+
+
+def test_kl_approx_trains_end_to_end_and_refuses_a_bad_name_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sdpg, "minibatch_loss", sdpg.minibatch_loss)
+    monkeypatch.setattr(sdpg, "fused_reverse_kl", sdpg.fused_reverse_kl)
+    out = str(tmp_path / "run")
+    flags = TINY + ["--sft_until", "0", "--rl_steps", "1", "--recipe", "release", "--out_dir", out]
+    run_in_process(monkeypatch, flags + ["--kl_approx", "tail_4"], entry=extras.main)
+    with open(os.path.join(out, "log.jsonl")) as f:
+        rl = [r for r in map(json.loads, f) if r["phase"] == "rl"]
+    assert len(rl) == 1 and math.isfinite(rl[0]["loss"]) and rl[0]["kl_teacher"] >= 0
+    for bad in ("top_4", "tail_0", "tail", "sampled_3"):
+        p = run_main(monkeypatch, capsys, flags + ["--kl_approx", bad], entry=extras.main)
+        assert one_line_error(p, "--kl_approx"), (bad, p.stderr)
