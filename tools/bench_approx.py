@@ -100,17 +100,21 @@ def loss_of(case, hs, ht, W, tokens, k):
     raise ValueError(f"unknown case {case!r}")
 
 
-def worker(case, N, H, V, k, repeats):
+def worker(case, N, H, V, k, repeats, device="cpu"):
     """One case in this (fresh) process: prints JSON with the peak extra memory of the first
-    forward + backward and the median time over the repeats."""
+    forward + backward and the median time over the repeats. On CUDA the memory is the peak of
+    torch.cuda.max_memory_allocated over what the inputs hold, the time taken after a
+    synchronize."""
     torch.manual_seed(0)
-    hs = torch.randn(N, H, requires_grad=True)
-    ht = torch.randn(N, H)
-    W = torch.randn(V, H)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    hs = torch.randn(N, H, device=dev, requires_grad=True)
+    ht = torch.randn(N, H, device=dev)
+    W = torch.randn(V, H, device=dev)
     W.mul_(0.5)  # in place: no second (V, H) block to raise the resident set's high-water mark
     W.requires_grad_()
-    w = torch.rand(N)
-    tokens = torch.randint(0, V, (N,))
+    w = torch.rand(N, device=dev)
+    tokens = torch.randint(0, V, (N,), device=dev)
     # every path once on a small slice, so that autograd, the thread pools and the kernels are
     # loaded before the baseline is read
     small_tokens = tokens[:8] % 64
@@ -118,7 +122,12 @@ def worker(case, N, H, V, k, repeats):
         (loss_of(name, hs[:8], ht[:8], W[:64], small_tokens, 4) * w[:8]).sum().backward()
     hs.grad = None
     W.grad = None
-    base = rss_bytes()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_bytes()
     times = []
     peak = 0
     for i in range(repeats):
@@ -126,18 +135,22 @@ def worker(case, N, H, V, k, repeats):
         W.grad = None
         start = time.perf_counter()
         (loss_of(case, hs, ht, W, tokens, k) * w).sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         # the first pass's peak; the later passes allocate the same blocks again
-        if i == 0:
+        if i == 0 and cuda:
+            peak = torch.cuda.max_memory_allocated() - base
+        elif i == 0:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     print(json.dumps({"peak_extra": peak, "time": statistics.median(times), "times": times}))
 
 
-def run_case(case, N, H, V, k, repeats):
+def run_case(case, N, H, V, k, repeats, device="cpu"):
     """Runs worker in a fresh subprocess; its JSON, or {"error": ...} if it failed."""
     command = [sys.executable, os.path.abspath(__file__), "--worker", case, "--tokens", str(N),
                "--hidden", str(H), "--k", str(k), "--repeats", str(repeats), "--one_vocab",
-               str(V)]
+               str(V), "--device", device]
     # see the module's docstring: so that the resident peak counts live tensors only
     environment = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2 ** 20))
     result = subprocess.run(command, capture_output=True, text=True, env=environment)
@@ -187,20 +200,28 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", default="", help="(internal) run one case")
     parser.add_argument("--one_vocab", type=int, default=0, help="(internal) its V")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (memory: peak allocated)")
+    parser.add_argument("--out", default=OUT, help="where the table goes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        worker(args.worker, args.tokens, args.hidden, args.one_vocab, args.k, args.repeats)
+        worker(args.worker, args.tokens, args.hidden, args.one_vocab, args.k, args.repeats,
+               args.device)
         return
+    where = machine()
+    memory = ("peak RSS (ru_maxrss) of a fresh process after the first forward + backward, "
+              "minus its RSS once the inputs exist, glibc MALLOC_MMAP_THRESHOLD_ = 1 MiB")
+    if args.device.startswith("cuda"):
+        where += f" | {torch.cuda.get_device_name(torch.device(args.device))}"
+        memory = ("peak torch.cuda.max_memory_allocated of a fresh process in the first forward + "
+                  "backward, minus what the inputs hold")
     command = "python tools/bench_approx.py" + "".join(" " + a for a in sys.argv[1:])
     lines = [f"# bench_approx: {command}",
-             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | {machine()} | torch "
-             f"{torch.__version__} | {args.threads} threads | float32 | H = {args.hidden} | "
-             f"top-k k = {args.k} | fused chunk = model.chunk_rows(0, V) rows",
-             "memory: peak RSS (ru_maxrss) of a fresh process after the first forward + "
-             "backward, minus its RSS once the inputs exist, glibc MALLOC_MMAP_THRESHOLD_ = 1 "
-             f"MiB; time: median of {args.repeats} passes of forward + backward (first "
-             "included). Shared machine: compare ratios within this run.", ""]
+             f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} | {where} | torch "
+             f"{torch.__version__} | {args.device}, {args.threads} threads | float32 | "
+             f"H = {args.hidden} | top-k k = {args.k} | fused chunk = model.chunk_rows(0, V) rows",
+             f"memory: {memory}; time: median of {args.repeats} passes of forward + backward "
+             "(first included). Shared machine: compare ratios within this run.", ""]
     for line in lines:
         print(line, flush=True)
     header = ["| V | N | case | peak extra memory | in (N, V) fp32 blocks | time fwd+bwd "
@@ -211,7 +232,7 @@ def main():
     started = time.perf_counter()
     fused = {}
     for V, N, case, passes in plan(args):
-        result = run_case(case, N, args.hidden, V, args.k, passes)
+        result = run_case(case, N, args.hidden, V, args.k, passes, args.device)
         block = N * V * 4
         if "error" in result:
             line = f"| {V} | {N} | {case} | failed: {result['error']} | | | | |"
@@ -239,10 +260,10 @@ def main():
     for line in notes:
         print(line)
     lines += notes
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"written to {os.path.relpath(OUT, ROOT)}")
+    print(f"written to {args.out}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@
 #      in bf16, before any update (plus the hook's self-test)                   cap  30 + 45 s
 #   g. tools/bench.py --only rollout --only gpu_kl: rollout tokens/s; fused vs
 #      naive exact KL at V = 50304 as N doubles until naive OOMs                cap 120 s  (~60 s)
+#   h. tools/bench_approx.py --device cuda at N = 16384 (8192 for the full-logit cases at
+#      V = 151936): memory and time of the fused exact KL beside the plain exact term, top-k and
+#      the sampled token, as results/approx/bench_cpu.txt on the CPU                cap 150 s
 #   a. the test suite, python -m pytest -q test_sdpg.py: its pass/fail line     cap 200 s  (~3 min on 16 cores)
 # a runs last: the tests run on the CPU (they pass --device cpu), so every GPU figure comes first.
 # Budget: no step starts after GUARD_S = 420 s (7 min; the rest print "skipped: time budget"), and
@@ -32,7 +35,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 
 RESULT=${1:-${OUT:-results}/gpu_check.txt}
 PY=${PYTHON:-python}
-STEPS=${STEPS:-"b c d e f g a"}
+STEPS=${STEPS:-"b c d e f g h a"}
 LOGS_DIR=${LOGS_DIR:-}
 GUARD_S=420      # no step starts after this many seconds
 DEADLINE_S=465   # every timeout ends by then
@@ -225,6 +228,15 @@ step_g() {
     sed -n '/^## /,$p' "$TMP/g.log" | sed 's/^## /### bench: /' | tee -a "$RESULT"
 }
 
+step_h() {
+    local table="$(dirname "$RESULT")/approx_gpu.txt"
+    section h "the approximations of the KL: python tools/bench_approx.py --device cuda"
+    say "command: $PY tools/bench_approx.py --device cuda --tokens 16384 --big_vocab_tokens 8192 --out $table"
+    run_cmd h 150 "$PY" tools/bench_approx.py --device cuda --tokens 16384 --big_vocab_tokens 8192 --out "$table"
+    status h
+    grep -E '^\|' "$TMP/h.log" | tee -a "$RESULT"
+}
+
 step_a() {
     section a "test suite: python -m pytest -q test_sdpg.py"
     run_cmd a 200 "$PY" -m pytest -q test_sdpg.py
@@ -234,11 +246,11 @@ step_a() {
 }
 
 declare -A TITLES=([a]="test suite" [b]="default run" [c]="float32" [d]="compiled" [e]="DDP under torchrun"
-                   [f]="first mini-batch PPO ratio" [g]="benchmark")
+                   [f]="first mini-batch PPO ratio" [g]="benchmark" [h]="approximations of the KL")
 for s in $STEPS; do
-    [[ -n ${TITLES[$s]:-} ]] || { say ""; say "unknown step $s (use a to g)"; continue; }
+    [[ -n ${TITLES[$s]:-} ]] || { say ""; say "unknown step $s (use a to h)"; continue; }
     guard "$s" "${TITLES[$s]}" || continue
-    if [[ $CUDA != True && $s =~ ^[a-e]$ ]]; then
+    if [[ $CUDA != True && $s =~ ^[a-eh]$ ]]; then
         section "$s" "${TITLES[$s]}"
         say "skipped: no CUDA"
         continue
