@@ -162,7 +162,7 @@ def read_runs(root):
     for task in RUNS:
         for name in sorted(os.listdir(os.path.join(root, task))) if os.path.isdir(os.path.join(root, task)) else []:
             path = os.path.join(root, task, name, "log.jsonl")
-            if os.path.exists(path):
+            if finished(os.path.join(root, task, name)):  # a run still going is left out
                 with open(path) as f:
                     records = [json.loads(line) for line in f]
                 rl = [r for r in records if r["phase"] == "rl" and "cos_sampled" in r]
@@ -212,38 +212,52 @@ def write_table(runs, path):
                   f"bias of its k1 value {cell('bias_sampled', '{:+.3f}')}; over {DRAWS} fresh draws per position "
                   f"E|g - g_exact|^2 / |g_exact|^2 {cell('var_sampled', '{:.2f}')}, mean cosine "
                   f"{cell('cos_sampled_draw')}.", ""]
-        passing = [kk for kk in KS if t[f"cos_student_{kk}"][0] > 0.9]
-        lines.append(f"Smallest k whose mean cosine (student's top-k, renormalised) passes 0.9: "
-                     f"{passing[0] if passing else 'none of ' + str(KS)}.")
+        for kind, what in (("student", "the student's top k"), ("tail", "with the tail"),
+                           ("teacher", "the teacher's top k")):
+            passing = [kk for kk in KS if t[f"cos_{kind}_{kk}"][0] > 0.9]
+            lines.append(f"- the smallest k whose mean cosine passes 0.9, {what}: "
+                         f"{passing[0] if passing else 'none of ' + str(KS)}")
         lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     return "\n".join(lines)
 
 
+def smoothed(values, width=10):  # the running mean over the last width steps
+    values = np.asarray(values, dtype=float)
+    out = np.empty_like(values)
+    for i in range(len(values)):
+        out[i] = values[max(0, i - width + 1):i + 1].mean()
+    return out
+
+
 def figure(runs, path):
+    """Per task, the seeds' mean cosine with the exact gradient over the run (a running mean of
+    10 steps) for each support and k, and the sampled token's."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.6 * len(runs)), squeeze=False)
+    kinds = (("student", "the student's top k"), ("tail", "the student's top k + tail"),
+             ("teacher", "the teacher's top k"))
+    fig, axes = plt.subplots(len(runs), 3, figsize=(15, 3.6 * len(runs)), squeeze=False)
     for row, (task, by_seed) in enumerate(runs.items()):
-        for col, kind in enumerate(("student", "tail")):
+        n = min(len(rl) for rl in by_seed.values())
+        steps = [r["step"] for r in by_seed[min(by_seed)][:n]]
+        for col, (kind, title) in enumerate(kinds):
             ax = axes[row][col]
             for kk, color in zip(KS, plt.cm.viridis(np.linspace(0, 0.9, len(KS)))):
-                steps = [r["step"] for r in by_seed[min(by_seed)]]
-                mean = np.mean([[r[f"cos_{kind}_{kk}"] for r in rl][:len(steps)] for rl in by_seed.values()], 0)
-                ax.plot(steps, mean, color=color, label=f"top-{kk}")
-            steps = [r["step"] for r in by_seed[min(by_seed)]]
-            mean = np.mean([[r["cos_sampled"] for r in rl][:len(steps)] for rl in by_seed.values()], 0)
-            ax.plot(steps, mean, color="tab:red", alpha=0.6, label="sampled token")
-            ax.set_title(f"{task} task: the student's top k{' + tail' if kind == 'tail' else ''}")
+                mean = np.mean([[r[f"cos_{kind}_{kk}"] for r in rl[:n]] for rl in by_seed.values()], 0)
+                ax.plot(steps, smoothed(mean), color=color, label=f"k = {kk}")
+            mean = np.mean([[r["cos_sampled"] for r in rl[:n]] for rl in by_seed.values()], 0)
+            ax.plot(steps, smoothed(mean), color="tab:red", linestyle="--", label="sampled token")
+            ax.set_title(f"{task} task ({len(by_seed)} seeds): {title}", fontsize=10)
             ax.set_xlabel("RL step")
             ax.set_ylabel("cosine with the exact gradient")
-            ax.set_ylim(-0.2, 1.02)
+            ax.set_ylim(-0.05, 1.02)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
 
 
 def main(argv=None):
