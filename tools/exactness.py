@@ -212,6 +212,9 @@ def write_table(runs, path):
                   f"bias of its k1 value {cell('bias_sampled', '{:+.3f}')}; over {DRAWS} fresh draws per position "
                   f"E|g - g_exact|^2 / |g_exact|^2 {cell('var_sampled', '{:.2f}')}, mean cosine "
                   f"{cell('cos_sampled_draw')}.", ""]
+        first = {kk: float(np.mean([rl[0][f"mass_{kk}"] for rl in runs[task].values()])) for kk in KS}
+        lines.append("- at the first step (the warm start's distribution), the student's mass "
+                     "outside its top k: " + ", ".join(f"k = {kk} {first[kk]:.4f}" for kk in KS))
         for kind, what in (("student", "the student's top k"), ("tail", "with the tail"),
                            ("teacher", "the teacher's top k")):
             passing = [kk for kk in KS if t[f"cos_{kind}_{kk}"][0] > 0.9]
