@@ -453,7 +453,7 @@ def minibatch(run, batch, i, j):
     as the student's h[b, t] in minibatch_loss: for 7 + 96 (x = "07+96=", 6 tokens; c + x, 11;
     y = "301" <eot>) the student reads position 5 + t of x + y, the teacher 10 + t of c + x + y."""
     G = run.args.group_size
-    rows = {k: v[i:j] if torch.is_tensor(v) else v for k, v in vars(batch).items()}
+    rows = {name: v[i:j] if torch.is_tensor(v) else v for name, v in vars(batch).items()}
     mb = Batch(**dict(rows, problems=batch.problems[i // G:j // G]))
     if run.args.algo in ("sdpg", "distill"):  # a distillation term: the teacher's pass
         with torch.no_grad(), run.ctx:
@@ -965,8 +965,8 @@ def resume(run, ckpt):
     except Exception as e:  # shapes, names, Adam's state: one line
         die_all(f"--resume {args.resume}: its weights do not fit the model ({type(e).__name__})")
     restore_streams(run, ckpt["rng"])
-    changed = {k: [config.get(k), v] for k, v in vars(args).items()
-               if k != "resume" and config.get(k) != v}
+    changed = {name: [config.get(name), v] for name, v in vars(args).items()
+               if name != "resume" and config.get(name) != v}
     note = f" | beta's schedule ends at step {T}" if args.algo in ("sdpg", "distill") else ""
     print0(f"resumed from {args.resume} at step {ckpt['step']}" + "".join(
         f" | {name} {old} -> {new}" for name, (old, new) in changed.items()) + note)

@@ -200,7 +200,8 @@ def use_kl_approximation(spec):
     name, _, k = spec.partition("_")
     forms = {"student": approx.topk_student_renorm, "tail": approx.topk_student_tail,
              "teacher": approx.topk_teacher_renorm}
-    if not (name in ("exact", "sampled") and not k or name in forms and k.isdigit() and int(k) > 0):
+    plain = name in ("exact", "sampled") and k == ""
+    if not (plain or (name in forms and k.isdigit() and int(k) > 0)):
         sdpg.die(f"--kl_approx {spec}: use exact, sampled, or student_K, tail_K, teacher_K (K >= 1)")
     scored = {}
     real_minibatch_loss = sdpg.minibatch_loss
