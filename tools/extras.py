@@ -163,10 +163,7 @@ def loss_diagnostics(run, beta_k, mb):
     # the gradients, norms and cosine in fp32 outside autocast, as loss.backward() runs
     with torch.autocast(params[0].device.type, enabled=False):
         for k, term in terms.items():
-            g = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-            flat = torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
-                              for x, p in zip(g, params)])
-            grads[k] = sdpg.all_sum(flat) / ws
+            grads[k] = exactness.flat_grad(term, params, ws)  # averaged over ranks, as DDP does
             out[f"grad_norm_{k}"] = grads[k].norm().item()
         if "opd" in grads and "out" in grads and min(grads["opd"].norm(), grads["out"].norm()) > 0:
             out["grad_cos_out_opd"] = (grads["out"] @ grads["opd"] / (
